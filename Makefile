@@ -1,0 +1,43 @@
+# Two entry points: `make bench` (set up + the vanilla-LoRA-vs-CoTo benchmark) and `make test`.
+# Each creates .venv when missing. A Python that already has torch (e.g. a CUDA build) is reused through
+# --system-site-packages; otherwise torch==2.13.0 is installed first so pip never resolves a multi-GB build.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.coto-installed
+BENCH_ARGS ?=
+
+.PHONY: setup test lint bench bench-pytest gpu-check clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    echo "reusing the torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else \
+	    $(PYTHON) -m venv $(VENV); \
+	  fi; \
+	fi
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,bench]"
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+bench: $(STAMP)
+	$(PY) -m coto_kernels.bench $(BENCH_ARGS)
+
+bench-pytest: $(STAMP)
+	$(PY) -m pytest -q bench --benchmark-only
+
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,157 @@
+"""The gated LoRA linear layer as one ``torch.autograd.Function`` over interchangeable kernel backends.
+
+``lora_linear`` computes ``Y = X W^T + bias + gate * scaling * (B A drop(X) + lora_bias)`` with an explicit
+backward (the math is in ``coto_kernels.kernels.lora_torch``). It saves only X (a reference to the input, no
+copy), S = drop(X) A^T (M x r) and the dropout seed: never a dropped copy of X, a mask, or anything M x N.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from .kernels import lora_torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.cache
+def _triton_kernels() -> ModuleType | None:
+    try:
+        from .kernels import lora_triton
+    except ImportError:
+        return None
+    return lora_triton
+
+
+def triton_available() -> bool:
+    """Whether the Triton backend can be imported here."""
+    return _triton_kernels() is not None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for ``device``: ``auto`` means Triton on CUDA when Triton is installed."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    return backend
+
+
+def _kernels(backend: str) -> ModuleType:
+    if backend == "torch":
+        return lora_torch
+    kernels = _triton_kernels()
+    if kernels is None:
+        raise RuntimeError("backend='triton' needs the triton package; install it or use backend='torch'")
+    return kernels
+
+
+def new_dropout_seed() -> int:
+    """A dropout seed from torch's default generator, so ``torch.manual_seed`` makes runs repeatable."""
+    return int(torch.randint(0, 2**31 - 1, (1,)))
+
+
+class GatedLoRAFunction(torch.autograd.Function):
+    """Fused base GEMM + low-rank update + gate; see the module docstring for what is saved."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        lora_bias: Tensor | None,
+        scaling: float,
+        dropout_p: float,
+        seed: int,
+        gate: bool,
+        weight_is_kn: bool,
+        backend: str,
+    ) -> Tensor:
+        x2d = x.reshape(-1, x.shape[-1])
+        y, s = _kernels(backend).lora_forward(
+            x2d, weight, weight_is_kn, bias, lora_a, lora_b, lora_bias, scaling, gate, dropout_p, seed
+        )
+        ctx.save_for_backward(x, weight, lora_a, lora_b, s)
+        ctx.options = (scaling, dropout_p, seed, gate, weight_is_kn, backend)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight, lora_a, lora_b, s = ctx.saved_tensors
+        scaling, dropout_p, seed, gate, weight_is_kn, backend = ctx.options
+        need = ctx.needs_input_grad
+        x2d = x.reshape(-1, x.shape[-1])
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        if not dy2d.is_contiguous():
+            dy2d = dy2d.contiguous()
+        dx, d_lora_a, d_lora_b, d_bias, d_lora_bias = _kernels(backend).lora_backward(
+            dy2d, x2d, weight, weight_is_kn, lora_a, lora_b, s, scaling, gate, dropout_p, seed,
+            need[0], need[3] or need[4], need[2], need[5],
+        )
+        d_weight = None
+        if need[1]:  # a frozen base is the norm; an unfrozen one still gets its exact gradient
+            d_weight = x2d.t() @ dy2d if weight_is_kn else dy2d.t() @ x2d
+        if dx is not None:
+            dx = dx.view(x.shape)
+        return (
+            dx,
+            d_weight,
+            d_bias,
+            d_lora_a if need[3] else None,
+            d_lora_b if need[4] else None,
+            d_lora_bias,
+            None, None, None, None, None, None,
+        )
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    lora_bias: Tensor | None = None,
+    *,
+    scaling: float,
+    dropout_p: float = 0.0,
+    gate: bool = True,
+    weight_is_kn: bool = False,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """``x W^T + bias + gate * scaling * (lora_b(lora_a(dropout(x))) + lora_bias)`` with a fused backward.
+
+    ``weight`` is ``[out, in]`` (``nn.Linear``) or ``[in, out]`` with ``weight_is_kn=True`` (GPT-2 ``Conv1D``).
+    ``x`` may have any number of leading dimensions. With ``gate=False`` only the base GEMM runs and the
+    adapter receives no gradient. Under ``torch.autocast`` every operand is cast to the autocast dtype first,
+    as autocast would do for PEFT's separate ``F.linear`` calls.
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    if x.shape[-1] != lora_a.shape[1] or lora_b.shape[1] != lora_a.shape[0]:
+        raise ValueError(
+            f"shape mismatch: x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}"
+        )
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
+        bias = bias.to(dtype) if bias is not None else None
+        lora_bias = lora_bias.to(dtype) if lora_bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return lora_linear(x, weight, bias, lora_a, lora_b, lora_bias, scaling=scaling, dropout_p=dropout_p,
+                               gate=gate, weight_is_kn=weight_is_kn, seed=seed, backend=backend)
+    if seed is None:
+        seed = new_dropout_seed() if dropout_p > 0.0 and gate else 0
+    backend = resolve_backend(backend, x.device)
+    return GatedLoRAFunction.apply(
+        x, weight, bias, lora_a, lora_b, lora_bias, float(scaling), float(dropout_p), seed, bool(gate),
+        weight_is_kn, backend,
+    )

@@ -1,0 +1,115 @@
+"""Pure-PyTorch backend of the gated LoRA linear layer: runs everywhere, same contract as ``lora_triton``.
+
+Notation: X [M, K], frozen W [N, K] (or [K, N] for GPT-2 ``Conv1D``), A [r, K], B [N, r], s = scaling,
+g = gate, drop(X) = X * keep / (1 - p) with ``keep`` regenerated from ``seed`` (never stored).
+
+Forward::
+
+    S = drop(X) A^T                               (M x r, saved for backward)
+    Y = X W^T + bias + g * s * (S B^T + lora_bias)
+
+Backward::
+
+    dS = s * dY B        dB = s * dY^T S        dA = dS^T drop(X)
+    dX = dY W + g * drop'(dS A)                 d_lora_bias = s * sum_rows(dY)
+
+The low-rank term is added in place into the base GEMM's output (``addmm_``), so no M x N LoRA intermediate
+is created; the same holds for the ``dS A`` term of dX. With g = 0 only the base GEMMs run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _weight_nk(weight: Tensor, weight_is_kn: bool) -> Tensor:
+    """The base weight as [N, K]; a transposed view (no copy) for Conv1D's [K, N] layout."""
+    return weight.t() if weight_is_kn else weight
+
+
+def dropout_keep_mask(seed: int, shape: tuple[int, int], dropout_p: float, device: torch.device | str) -> Tensor:
+    """The keep-mask (bool, ``shape``) this backend uses for ``seed``: regenerated, never stored."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.rand(shape, generator=generator, device=device) >= dropout_p
+
+
+def _dropped(x: Tensor, dropout_p: float, seed: int, dtype: torch.dtype) -> Tensor:
+    """drop(X) in ``dtype``: a temporary that dies with the caller's frame."""
+    x = x.to(dtype)
+    if dropout_p == 0.0:
+        return x
+    keep = dropout_keep_mask(seed, tuple(x.shape), dropout_p, x.device)
+    return x * keep.to(dtype) * (1.0 / (1.0 - dropout_p))
+
+
+def lora_forward(
+    x: Tensor,
+    weight: Tensor,
+    weight_is_kn: bool,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    lora_bias: Tensor | None,
+    scaling: float,
+    gate: bool,
+    dropout_p: float,
+    seed: int,
+) -> tuple[Tensor, Tensor | None]:
+    """Return ``(Y, S)`` for 2-D ``x``; ``S`` is None when the gate is off."""
+    y = torch.nn.functional.linear(x, _weight_nk(weight, weight_is_kn), bias)
+    if not gate:
+        return y, None
+    s = _dropped(x, dropout_p, seed, lora_a.dtype) @ lora_a.t()
+    if lora_b.dtype == y.dtype:
+        y.addmm_(s, lora_b.t(), alpha=scaling)
+        if lora_bias is not None:
+            y.add_(lora_bias, alpha=scaling)
+    else:
+        # Adapters kept in another dtype (PEFT's fp32 adapters over a bf16 base): add in the adapter dtype and
+        # cast back, as PEFT does, so the rounding matches it.
+        delta = torch.addmm(lora_bias, s, lora_b.t()) if lora_bias is not None else s @ lora_b.t()
+        y = (y + delta * scaling).to(y.dtype)
+    return y, s
+
+
+def lora_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    weight_is_kn: bool,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    s: Tensor | None,
+    scaling: float,
+    gate: bool,
+    dropout_p: float,
+    seed: int,
+    need_dx: bool,
+    need_dlora: bool,
+    need_dbias: bool,
+    need_dlora_bias: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Return ``(dX, dA, dB, d_bias, d_lora_bias)`` for 2-D ``dy``; None where not needed or gated off."""
+    dx = dy @ _weight_nk(weight, weight_is_kn) if need_dx else None
+    d_bias = dy.sum(0) if need_dbias else None
+    if not gate:
+        return dx, None, None, d_bias, None
+    dy_lora = dy.to(lora_b.dtype)
+    ds = (dy_lora @ lora_b).mul_(scaling)
+    d_lora_a = d_lora_b = d_lora_bias = None
+    if need_dlora:
+        d_lora_b = (dy_lora.t() @ s).mul_(scaling)
+        d_lora_a = ds.t() @ _dropped(x, dropout_p, seed, lora_a.dtype)
+    if need_dlora_bias:
+        d_lora_bias = dy_lora.sum(0).mul_(scaling)
+    if dx is not None:
+        if dropout_p == 0.0 and ds.dtype == dx.dtype:
+            dx.addmm_(ds, lora_a)
+        else:
+            keep = dropout_keep_mask(seed, tuple(x.shape), dropout_p, x.device) if dropout_p else None
+            lora_dx = ds @ lora_a
+            if keep is not None:
+                lora_dx.mul_(keep.to(lora_dx.dtype)).mul_(1.0 / (1.0 - dropout_p))
+            dx = dx.add_(lora_dx) if lora_dx.dtype == dx.dtype else (dx + lora_dx).to(x.dtype)
+    return dx, d_lora_a, d_lora_b, d_bias, d_lora_bias

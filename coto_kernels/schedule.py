@@ -1,0 +1,87 @@
+"""The CoTo activation-probability schedule p(step).
+
+The authors' callback (github zwebzone/coto) computes, after ``k`` completed optimizer steps::
+
+    p(k) = min(p_final, p0 + (p_final - p0) * k / ceil(total_steps * stage1_ratio))
+
+and uses ``p0`` before the first step. The paper's schedule ablation also tries a concave ("sine") and a
+convex ("exponential") ramp with the same end points; all three reach ``p_final`` at ``stage1_ratio`` of
+training and stay there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+ScheduleFn = Callable[[int, int | None], float]
+Schedule = str | ScheduleFn
+
+SCHEDULES = ("linear", "sine", "exponential", "off")
+
+# Curvature of the convex ramp: (e^{a t} - 1) / (e^a - 1). a = 4 keeps p below half of the way up until
+# ~83% of stage 1, a clearly convex shape without starving the first half of training.
+EXPONENTIAL_CURVATURE = 4.0
+
+
+def _ramp(shape: str, progress: float) -> float:
+    """Map progress through stage 1 (0..1) to the fraction of the way from p0 to p_final."""
+    if shape == "linear":
+        return progress
+    if shape == "sine":
+        return math.sin(0.5 * math.pi * progress)
+    if shape == "exponential":
+        return math.expm1(EXPONENTIAL_CURVATURE * progress) / math.expm1(EXPONENTIAL_CURVATURE)
+    raise ValueError(f"unknown CoTo schedule {shape!r}; expected one of {SCHEDULES} or a callable")
+
+
+def stage1_steps(total_steps: int, stage1_ratio: float) -> int:
+    """Number of optimizer steps over which p ramps up (the authors' ``ceil(max_steps * stage1_ratio)``)."""
+    return max(1, math.ceil(total_steps * stage1_ratio))
+
+
+def activation_probability(
+    step: int,
+    total_steps: int | None,
+    *,
+    initial_p: float = 0.1,
+    final_p: float = 1.0,
+    stage1_ratio: float = 0.75,
+    schedule: Schedule = "linear",
+) -> float:
+    """Probability that an adapter group is active after ``step`` completed optimizer steps.
+
+    ``schedule`` is ``"linear"`` (the authors' callback), ``"sine"`` (concave), ``"exponential"`` (convex),
+    ``"off"`` (always 1: plain fused LoRA), or a callable ``fn(step, total_steps) -> p`` that returns p itself.
+    """
+    if callable(schedule):
+        p = float(schedule(step, total_steps))
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"the CoTo schedule callable returned p={p} at step {step}; p must lie in [0, 1]")
+        return p
+    if schedule == "off":
+        return 1.0
+    if step <= 0:
+        _ramp(schedule, 0.0)  # validates the name even before total_steps is known
+        return initial_p
+    if total_steps is None:
+        raise ValueError(
+            "CoTo needs total_steps to advance the schedule: pass patch(..., total_steps=N), set "
+            "controller.total_steps, or use controller.callback() with a transformers Trainer"
+        )
+    progress = min(1.0, step / stage1_steps(total_steps, stage1_ratio))
+    return min(final_p, initial_p + (final_p - initial_p) * _ramp(schedule, progress))
+
+
+def validate_schedule_options(initial_p: float, final_p: float, stage1_ratio: float, schedule: Schedule) -> None:
+    """Raise ``ValueError`` for options outside their meaningful range."""
+    if not 0.0 <= initial_p <= 1.0:
+        raise ValueError(f"initial_p must lie in [0, 1], got {initial_p}")
+    if not 0.0 < final_p <= 1.0:
+        raise ValueError(f"final_p must lie in (0, 1], got {final_p}")
+    if initial_p > final_p:
+        raise ValueError(f"initial_p ({initial_p}) must not exceed final_p ({final_p})")
+    if not 0.0 < stage1_ratio <= 1.0:
+        raise ValueError(f"stage1_ratio must lie in (0, 1], got {stage1_ratio}")
+    if not callable(schedule) and schedule not in SCHEDULES:
+        raise ValueError(f"unknown CoTo schedule {schedule!r}; expected one of {SCHEDULES} or a callable")
