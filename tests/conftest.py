@@ -50,9 +50,9 @@ def tiny_model(arch: str, num_layers: int = 3, seed: int = 0) -> torch.nn.Module
     if arch == "mistral":
         return AutoModelForCausalLM.from_config(MistralConfig(**common, **decoder, sliding_window=None))
     if arch == "gpt2":
-        return AutoModelForCausalLM.from_config(GPT2Config(vocab_size=97, bos_token_id=0, eos_token_id=0, n_layer=num_layers, n_head=2, n_embd=32,
-                                                           n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-                                                           attn_pdrop=0.0))
+        config = GPT2Config(vocab_size=97, bos_token_id=0, eos_token_id=0, n_layer=num_layers, n_head=2, n_embd=32,
+                            n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return AutoModelForCausalLM.from_config(config)
     encoder = dict(hidden_size=32, intermediate_size=48, max_position_embeddings=64, num_labels=3,
                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
     if arch == "bert":

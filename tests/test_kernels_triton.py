@@ -1,0 +1,197 @@
+"""The Triton kernels' host functions against a float64 PyTorch reference (CPU interpreter when there is no GPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first triton.jit: the interpreter is chosen at decoration
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from coto_kernels.kernels import lora_triton  # noqa: E402
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+# Max abs error / max abs reference. fp32: accumulation order only. fp16: 2 ulps (2^-10 = 9.8e-4 per ulp) for the
+# output rounding plus the fp16 rounding of S / dS before their MMA. bf16: 1.5 ulps (2^-7 = 7.8e-3 per ulp): the
+# interpreter truncates fp32 -> bf16 stores (up to 1 ulp) and S / dS are rounded to bf16 for the MMA on a GPU.
+# A doubled scaling, a permuted B, a missing 1/(1-p) or another seed's mask moves the outputs by 0.28-1.4 relative
+# (checked against 3 * tolerance in test_tolerances_catch_wrong_math).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _make(m, k, n, r, dtype, adapter_dtype, bias, lora_bias, weight_is_kn, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, dt=dtype, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dt).to(DEVICE)
+
+    x = rnd(m, k)
+    w = rnd(k, n, scale=k**-0.5) if weight_is_kn else rnd(n, k, scale=k**-0.5)
+    # Adapter scales make S B^T as large as X W^T, so a wrong LoRA term cannot hide under the tolerance.
+    a = rnd(r, k, dt=adapter_dtype, scale=k**-0.5)
+    b = rnd(n, r, dt=adapter_dtype, scale=r**-0.5)
+    return dict(
+        x=x, w=w, a=a, b=b, dy=rnd(m, n),
+        bias=rnd(n) if bias else None, lora_bias=rnd(n, dt=adapter_dtype) if lora_bias else None,
+    )
+
+
+def _reference(t, weight_is_kn, scaling, gate, p, keep, *, b_override=None):
+    """float64 forward and backward of the same inputs; keep is the kernels' mask (or None when p == 0)."""
+    x, a, dy = t["x"].double(), t["a"].double(), t["dy"].double()
+    b = (t["b"] if b_override is None else b_override).double()
+    w = t["w"].double().t() if weight_is_kn else t["w"].double()
+    xd = x if keep is None else x * keep.double() / (1.0 - p)
+    s = xd @ a.t()
+    y = x @ w.t()
+    if t["bias"] is not None:
+        y = y + t["bias"].double()
+    dx = dy @ w
+    ref = dict(y=y, dx=dx, d_bias=dy.sum(0))
+    if gate:
+        lb = t["lora_bias"].double() if t["lora_bias"] is not None else 0.0
+        ref["y"] = y + scaling * (s @ b.t() + lb)
+        ds = scaling * dy @ b
+        lora_dx = ds @ a
+        ref["dx"] = dx + (lora_dx if keep is None else lora_dx * keep.double() / (1.0 - p))
+        ref.update(s=s, d_lora_a=ds.t() @ xd, d_lora_b=scaling * dy.t() @ s, d_lora_bias=scaling * dy.sum(0))
+    return ref
+
+
+def _run(t, weight_is_kn, scaling, gate, p, seed, need=(True, True, True, True)):
+    y, s = lora_triton.lora_forward(t["x"], t["w"], weight_is_kn, t["bias"], t["a"], t["b"], t["lora_bias"],
+                                    scaling, gate, p, seed)
+    grads = lora_triton.lora_backward(t["dy"], t["x"], t["w"], weight_is_kn, t["a"], t["b"], s, scaling, gate, p,
+                                      seed, *need)
+    return y, s, dict(zip(("dx", "d_lora_a", "d_lora_b", "d_bias", "d_lora_bias"), grads, strict=True))
+
+
+def _check(t, out, ref, dtype, adapter_dtype, gate):
+    y, s, grads = out
+    tol = TOL[dtype]
+    assert y.dtype == dtype and grads["dx"].dtype == dtype
+    assert _rel_err(y, ref["y"]) < tol, ("y", _rel_err(y, ref["y"]))
+    assert _rel_err(grads["dx"], ref["dx"]) < tol, ("dx", _rel_err(grads["dx"], ref["dx"]))
+    if t["bias"] is not None:
+        assert _rel_err(grads["d_bias"], ref["d_bias"]) < tol
+    if not gate:
+        assert s is None and all(grads[k] is None for k in ("d_lora_a", "d_lora_b", "d_lora_bias"))
+        return
+    assert s.dtype == torch.float32 and s.shape == ref["s"].shape
+    assert _rel_err(s, ref["s"]) < max(TOL[dtype], 1e-5)
+    for name in ("d_lora_a", "d_lora_b", "d_lora_bias"):
+        assert grads[name].dtype == adapter_dtype, name
+        # The adapter grads are fp32-accumulated sums; their tolerance is the input dtype's (MMA operands).
+        assert _rel_err(grads[name], ref[name]) < tol, (name, _rel_err(grads[name], ref[name]))
+
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+CASES = [
+    # id, (M, K, N, r), x dtype, adapter dtype, dropout p, bias, lora_bias, weight_is_kn, cuBLAS path for M
+    pytest.param((37, 45, 29, 3), F32, F32, 0.0, True, True, False, False, id="fp32-odd-r3"),
+    pytest.param((37, 45, 29, 1), F32, F32, 0.1, False, True, True, False, id="fp32-odd-r1-drop-conv1d"),
+    pytest.param((70, 96, 40, 16), F16, F16, 0.2, True, False, False, False, id="fp16-drop"),
+    pytest.param((66, 72, 130, 8), BF16, BF16, 0.1, True, True, False, False, id="bf16-drop"),
+    pytest.param((37, 45, 29, 3), BF16, F32, 0.1, True, True, True, False, id="bf16-x-fp32-adapters-conv1d"),
+    pytest.param((37, 45, 29, 3), BF16, BF16, 0.1, True, True, False, True, id="bf16-cublas-small-m"),
+]
+
+
+# gate 0 is base-only cuBLAS, so one run per layout (the M = 37 cases) is enough.
+GATED_CASES = [pytest.param(*c.values, True, id=f"{c.id}-gate1") for c in CASES] + [
+    pytest.param(*c.values, False, id=f"{c.id}-gate0") for c in CASES if c.values[0][0] == 37
+]
+
+
+@pytest.mark.parametrize(("shape", "dtype", "adapter_dtype", "p", "bias", "lora_bias", "kn", "cublas", "gate"),
+                         GATED_CASES)
+def test_matches_reference(monkeypatch, shape, dtype, adapter_dtype, p, bias, lora_bias, kn, cublas, gate):
+    monkeypatch.setattr(lora_triton, "CUBLAS_BELOW_M", 10**9 if cublas else 0)
+    m, k, n, r = shape
+    t = _make(m, k, n, r, dtype, adapter_dtype, bias, lora_bias, kn)
+    seed, scaling = 1234, 1.7
+    keep = lora_triton.dropout_keep_mask(seed, (m, k), p, DEVICE) if p > 0 else None
+    out = _run(t, kn, scaling, gate, p, seed)
+    _check(t, out, _reference(t, kn, scaling, gate, p, keep), dtype, adapter_dtype, gate)
+
+
+def test_gate_off_launches_no_lora_kernel(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("a LoRA kernel was launched with the gate off")
+
+    for name in ("_lora_s", "_launch_gemm", "_lora_ds_db_kernel", "_lora_da_kernel"):
+        monkeypatch.setattr(lora_triton, name, boom)
+    t = _make(20, 24, 16, 4, F32, F32, True, True, False)
+    y, s, grads = _run(t, False, 2.0, False, 0.1, 7)
+    ref = _reference(t, False, 2.0, False, 0.1, None)
+    assert s is None and grads["d_lora_a"] is None and grads["d_lora_b"] is None and grads["d_lora_bias"] is None
+    assert _rel_err(y, ref["y"]) < 1e-6 and _rel_err(grads["dx"], ref["dx"]) < 1e-6
+
+
+def test_split_reductions_and_need_flags(monkeypatch):
+    """Several programs per reduction (atomic paths) and partial ``need_*`` requests."""
+    monkeypatch.setattr(lora_triton, "CUBLAS_BELOW_M", 0)
+    monkeypatch.setattr(lora_triton, "_target_programs", lambda device: 16)
+    m, k, n, r = 130, 150, 140, 5
+    t = _make(m, k, n, r, F32, F32, True, True, False, seed=3)
+    seed, scaling, p = 99, 0.5, 0.25
+    keep = lora_triton.dropout_keep_mask(seed, (m, k), p, DEVICE)
+    ref = _reference(t, False, scaling, True, p, keep)
+    y, s, grads = _run(t, False, scaling, True, p, seed)
+    _check(t, (y, s, grads), ref, F32, F32, True)
+    # Only the adapter grads (first layer: the input needs no grad), then only dx.
+    _, _, only_lora = _run(t, False, scaling, True, p, seed, need=(False, True, False, False))
+    assert only_lora["dx"] is None and only_lora["d_bias"] is None and only_lora["d_lora_bias"] is None
+    assert _rel_err(only_lora["d_lora_a"], ref["d_lora_a"]) < 1e-5
+    assert _rel_err(only_lora["d_lora_b"], ref["d_lora_b"]) < 1e-5
+    _, _, only_dx = _run(t, False, scaling, True, p, seed, need=(True, False, False, False))
+    assert only_dx["d_lora_a"] is None and only_dx["d_lora_b"] is None
+    assert _rel_err(only_dx["dx"], ref["dx"]) < 1e-5
+
+
+def test_tolerances_catch_wrong_math(monkeypatch):
+    """The bf16 tolerance is tight enough that a doubled scaling, a permuted B or a missing 1/(1-p) fails it."""
+    monkeypatch.setattr(lora_triton, "CUBLAS_BELOW_M", 0)
+    m, k, n, r = 37, 45, 29, 3
+    t = _make(m, k, n, r, BF16, BF16, True, True, False, seed=5)
+    seed, scaling, p = 11, 1.3, 0.3
+    keep = lora_triton.dropout_keep_mask(seed, (m, k), p, DEVICE)
+    y, s, grads = _run(t, False, scaling, True, p, seed)
+    tol = TOL[BF16]
+    good = _reference(t, False, scaling, True, p, keep)
+    assert _rel_err(y, good["y"]) < tol
+    wrong_refs = {
+        "scaling*2": _reference(t, False, 2 * scaling, True, p, keep),
+        "B permuted": _reference(t, False, scaling, True, p, keep, b_override=t["b"].flip(0)),
+        "no 1/(1-p)": _reference(t, False, scaling * (1 - p), True, p, keep),
+        "other seed mask": _reference(t, False, scaling, True, p, lora_triton.dropout_keep_mask(12, (m, k), p, DEVICE)),
+    }
+    for what, bad in wrong_refs.items():
+        for name, out in (("y", y), ("dx", grads["dx"]), ("d_lora_a", grads["d_lora_a"]),
+                          ("d_lora_b", grads["d_lora_b"])):
+            if what == "B permuted" and name == "d_lora_b":
+                continue  # dB does not depend on B
+            assert _rel_err(out, bad[name]) > 3 * tol, (what, name, _rel_err(out, bad[name]))
+
+
+def test_dropout_mask():
+    m, k = 256, 192
+    for p in (0.1, 0.5):
+        keep = lora_triton.dropout_keep_mask(42, (m, k), p, DEVICE)
+        assert keep.dtype == torch.bool and keep.shape == (m, k)
+        assert abs((1.0 - keep.float().mean().item()) - p) < 0.01, p
+    a = lora_triton.dropout_keep_mask(42, (m, k), 0.5, DEVICE)
+    assert torch.equal(a, lora_triton.dropout_keep_mask(42, (m, k), 0.5, DEVICE))
+    assert not torch.equal(a, lora_triton.dropout_keep_mask(43, (m, k), 0.5, DEVICE))
+    # Element (m, k) depends on m * K + k only, so a sub-block of rows matches the full mask.
+    assert torch.equal(a[:10], lora_triton.dropout_keep_mask(42, (10, k), 0.5, DEVICE))
+    assert lora_triton.dropout_keep_mask(42, (m, k), 0.0, DEVICE).all()
