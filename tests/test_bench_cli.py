@@ -1,0 +1,22 @@
+"""The benchmark CLI runs end to end on the tiny preset and writes its report."""
+
+from __future__ import annotations
+
+import json
+
+from coto_kernels import bench
+
+
+def test_bench_cli_writes_json_markdown(tmp_path, capsys):
+    assert bench.main(["--preset", "tiny", "--rounds", "1", "--steps", "2", "--out", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("bench-tiny-*.json")
+    report = json.loads(json_path.read_text())
+    modes = [r["mode"] for r in report["results"]]
+    assert modes == list(bench.MODES)
+    by_mode = {r["mode"]: r for r in report["results"]}
+    assert by_mode["vanilla"]["throughput_vs_vanilla"] == 1.0
+    assert by_mode["coto-p1"]["mean_active_fraction"] == 1.0
+    assert by_mode["coto-p0.1"]["mean_active_fraction"] < 1.0
+    assert all(len(times) == 2 for times in report["step_times"].values())
+    assert (tmp_path / json_path.name.replace(".json", ".md")).read_text().count("| coto-") == 4
+    assert "throughput vs vanilla" in capsys.readouterr().out
