@@ -35,12 +35,10 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int], dropout_p: float, devic
     return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - dropout_p, generator=generator)
 
 
-def _dropped(x: Tensor, keep: Tensor | None, dropout_p: float, dtype: torch.dtype) -> Tensor:
-    """drop(X) in ``dtype``: a temporary that dies with the caller's frame."""
+def _masked(x: Tensor, keep: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """keep * X in ``dtype``, *without* the 1/(1-p) factor, which callers fold into an M x r operand."""
     x = x.to(dtype)
-    if keep is None:
-        return x
-    return (x * keep).mul_(1.0 / (1.0 - dropout_p))
+    return x if keep is None else x * keep
 
 
 def _keep(x: Tensor, dropout_p: float, seed: int) -> Tensor | None:
@@ -64,7 +62,9 @@ def lora_forward(
     y = torch.nn.functional.linear(x, _weight_nk(weight, weight_is_kn), bias)
     if not gate:
         return y, None
-    s = _dropped(x, _keep(x, dropout_p, seed), dropout_p, lora_a.dtype) @ lora_a.t()
+    s = _masked(x, _keep(x, dropout_p, seed), lora_a.dtype) @ lora_a.t()
+    if dropout_p > 0.0:
+        s.mul_(1.0 / (1.0 - dropout_p))  # on M x r rather than on the M x K input
     if lora_b.dtype == y.dtype:
         y.addmm_(s, lora_b.t(), alpha=scaling)
         if lora_bias is not None:
@@ -102,16 +102,20 @@ def lora_backward(
     dy_lora = dy.to(lora_b.dtype)
     ds = (dy_lora @ lora_b).mul_(scaling)
     keep = _keep(x, dropout_p, seed)  # regenerated once, shared by dA and dX
+    # drop(X) = keep * X / (1 - p): the 1/(1-p) goes onto dS (M x r), never onto an M x K tensor
+    ds_dropped = ds * (1.0 / (1.0 - dropout_p)) if keep is not None else ds
     d_lora_a = d_lora_b = d_lora_bias = None
     if need_dlora:
         d_lora_b = (dy_lora.t() @ s).mul_(scaling)
-        d_lora_a = ds.t() @ _dropped(x, keep, dropout_p, lora_a.dtype)
+        d_lora_a = ds_dropped.t() @ _masked(x, keep, lora_a.dtype)
     if need_dlora_bias:
         d_lora_bias = dy_lora.sum(0).mul_(scaling)
     if dx is not None:
-        if keep is None and ds.dtype == dx.dtype:
+        same_dtype = ds.dtype == dx.dtype
+        if keep is None and same_dtype:
             dx.addmm_(ds, lora_a)
+        elif same_dtype:
+            dx.addcmul_(ds_dropped @ lora_a, keep)
         else:
-            lora_dx = _dropped(ds @ lora_a, keep, dropout_p, ds.dtype)
-            dx = dx.add_(lora_dx) if lora_dx.dtype == dx.dtype else (dx + lora_dx).to(x.dtype)
+            dx = (dx + _masked(ds_dropped @ lora_a, keep, ds.dtype)).to(x.dtype)
     return dx, d_lora_a, d_lora_b, d_bias, d_lora_bias
