@@ -7,6 +7,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from . import distributed
 from .controller import CoToController
 
 STATE_KEY = "coto_state"
@@ -33,13 +34,21 @@ class CoToCallback(TrainerCallback, ExportableState):
       schedule continues at ``state.global_step``;
     - step end (once per optimizer step, after all gradient-accumulation micro-batches): redraw the gates;
     - evaluation runs in ``model.eval()``, where every adapter is on;
-    - checkpoints: the state is stored in ``trainer_state.json`` (``stateful_callbacks``).
+    - checkpoints: the state is stored in ``trainer_state.json`` (``stateful_callbacks``);
+    - multi-process runs (``coto_kernels.distributed``): engine options CoTo cannot run under fail at Trainer
+      construction; gates are checked identical on every rank at train begin (and every ``check_gates_every``
+      optimizer steps if set); gated-off adapters' gradients are cleared before each optimizer step.
     """
 
-    def __init__(self, controller: CoToController | None = None) -> None:
+    def __init__(self, controller: CoToController | None = None, check_gates_every: int | None = None) -> None:
         # None happens when the Trainer re-creates the callback from a checkpoint
         # (restore_callback_states_from_checkpoint=True); the controller is then found on the model.
         self.controller = controller
+        self.check_gates_every = check_gates_every
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        distributed.check_trainer_args(args, model, self._controller(model))
+        return control
 
     def _controller(self, model: Any) -> CoToController:
         if self.controller is None:
@@ -57,12 +66,21 @@ class CoToCallback(TrainerCallback, ExportableState):
                 controller.load_state_dict(coto_state)
         controller.total_steps = state.max_steps
         controller.set_step(state.global_step)
+        distributed.check_engine(model)
+        distributed.check_gates_consistent(controller)
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self._controller(model).clear_inactive_grads()
         return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self._controller(model).set_step(state.global_step)
+        controller = self._controller(model)
+        controller.set_step(state.global_step)
+        if self.check_gates_every and state.global_step % self.check_gates_every == 0:
+            distributed.check_gates_consistent(controller)
         return control
 
     def state(self) -> dict:
         attributes = {} if self.controller is None else {STATE_KEY: self.controller.state_dict()}
-        return {"args": {}, "attributes": attributes}
+        return {"args": {"check_gates_every": self.check_gates_every}, "attributes": attributes}

@@ -58,8 +58,13 @@ class CoToController:
             self._members[group].append(layer)
         self.group_of_layer = dict(zip(self.layer_names, (self.groups[g] for g in group_of_layer)))
         self.total_steps = total_steps
-        # Without a seed, one comes from torch's default generator, so torch.manual_seed fixes the run.
-        self.seed = int(torch.randint(0, 2**62, (1,))) if seed is None else int(seed)
+        # Without a seed, one comes from torch's default generator, so torch.manual_seed fixes the run; under
+        # torch.distributed every rank takes rank 0's (a broadcast), so ranks draw the same gates.
+        if seed is None:
+            from .distributed import broadcast_seed
+
+            seed = broadcast_seed(int(torch.randint(0, 2**62, (1,))))
+        self.seed = int(seed)
         self._step = 0
         self.p = initial_p
         self.gates: list[bool] = []
@@ -108,6 +113,35 @@ class CoToController:
             for layer in members:
                 layer.coto_gate = bool(on)
 
+    # -- gradients of gated-off adapters ---------------------------------------------------------------------
+
+    def inactive_parameters(self) -> list[torch.nn.Parameter]:
+        """Trainable adapter parameters of the layers that are off for the current step (not the base layer's)."""
+        params = []
+        for members in self._members:
+            for layer in members:  # the layer's own state: what its last training forward used
+                forced = getattr(layer, "coto_override", None)
+                if (forced if forced is not None else layer.coto_gate) or not isinstance(layer, torch.nn.Module):
+                    continue
+                params.extend(p for name, p in layer.named_parameters()
+                              if p.requires_grad and not name.startswith("base_layer."))
+        return params
+
+    def clear_inactive_grads(self) -> None:
+        """Set ``grad = None`` on the adapters that are off this step, so the optimizer leaves them alone.
+
+        Eager CoTo never gives them a gradient; a compiled model gives them zeros (a static graph), and so do
+        ``zero_grad(set_to_none=False)`` leftovers. A zero gradient still moves AdamW weights (momentum, weight
+        decay). Call it between backward and ``optimizer.step()``; the Trainer callback and
+        ``attach_optimizer`` do.
+        """
+        for param in self.inactive_parameters():
+            param.grad = None
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer):
+        """Run ``clear_inactive_grads`` before every ``optimizer.step()``; returns the hook handle."""
+        return optimizer.register_step_pre_hook(lambda *_: self.clear_inactive_grads())
+
     # -- forcing adapters off (evaluation, pruning) ---------------------------------------------------------
 
     def _as_gate_list(self, gates: Sequence[bool] | Mapping[str, bool]) -> list[bool]:
@@ -142,11 +176,15 @@ class CoToController:
 
     # -- integration ----------------------------------------------------------------------------------------
 
-    def callback(self) -> TrainerCallback:
-        """A ``transformers.TrainerCallback`` that drives this controller from a ``Trainer``."""
+    def callback(self, check_gates_every: int | None = None) -> TrainerCallback:
+        """A ``transformers.TrainerCallback`` that drives this controller from a ``Trainer``.
+
+        ``check_gates_every``: in multi-process runs, also check every that many optimizer steps that all ranks
+        hold the same gates (always checked at train begin).
+        """
         from .callbacks import CoToCallback
 
-        return CoToCallback(self)
+        return CoToCallback(self, check_gates_every=check_gates_every)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state; with ``load_state_dict`` a resumed run continues the same schedule."""

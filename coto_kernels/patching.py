@@ -24,6 +24,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from . import distributed
 from .controller import CoToController
 from .functional import BACKENDS, lora_linear, triton_available
 from .gates import block_prefix
@@ -67,6 +68,9 @@ def _adapter_fallback_reason(layer: LoraLinear) -> str | None:
     if len(active) != 1:
         return f"{len(active)} active adapters"
     adapter = active[0]
+    for name, module in (("lora_A", layer.lora_A[adapter]), ("lora_B", layer.lora_B[adapter])):
+        if type(module) is not nn.Linear:  # e.g. its own FSDP unit: only its forward gathers its weight
+            return f"{name} is a {type(module).__name__}, not nn.Linear (wrapped, e.g. as its own FSDP unit)"
     if adapter in getattr(layer, "lora_variant", {}):
         return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}"
     if getattr(layer, "use_dora", {}).get(adapter, False):
@@ -83,15 +87,33 @@ def _adapter_fallback_reason(layer: LoraLinear) -> str | None:
 class CoToLayerMixin:
     """Gating shared by every patched LoRA layer; ``controller`` sets ``coto_gate`` / ``coto_override``."""
 
-    coto_gate: bool = True
     coto_override: bool | None = None
     coto_name: str = ""
+
+    @property
+    def coto_gate(self) -> bool:
+        """The gate as a Python bool (eager mode); mirrored in place into ``coto_gate_tensor`` for compiled graphs."""
+        return self.__dict__.get("_coto_gate", True)
+
+    @coto_gate.setter
+    def coto_gate(self, on: bool) -> None:
+        on = bool(on)
+        self.__dict__["_coto_gate"] = on
+        tensor = self.__dict__.get("coto_gate_tensor")
+        if tensor is None:  # a 0-d CPU bool: compiled graphs read it as data (coto_kernels.compile)
+            self.__dict__["coto_gate_tensor"] = torch.tensor(on)
+        else:
+            tensor.fill_(on)
+
+    def _coto_compiling(self) -> bool:
+        """Whether Dynamo traces a training forward gated by the schedule: then the gate must be data."""
+        return torch.compiler.is_compiling() and self.training and self.coto_override is None
 
     def coto_is_on(self) -> bool:
         """Whether the adapter takes part in the current forward."""
         if self.coto_override is not None:
             return self.coto_override
-        return self.coto_gate or not self.training
+        return not self.training or self.coto_gate  # eval first: a compiled eval graph must not guard on gates
 
     def _base_only(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.merged:  # the merged weights contain the adapter; PEFT unmerges for disable_adapters too
@@ -100,7 +122,14 @@ class CoToLayerMixin:
             kwargs.pop(key, None)
         return self.base_layer(x, *args, **kwargs)
 
+    def _compiled_unfused(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # PEFT's own forward cannot take a tensor gate: select between its result and the base output.
+        full = super().forward(x, *args, **kwargs)
+        return torch.where(self.coto_gate_tensor, full, self._base_only(x, *args, **kwargs))
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._coto_compiling():
+            return self._compiled_unfused(x, *args, **kwargs)
         if not self.coto_is_on():
             return self._base_only(x, *args, **kwargs)
         return super().forward(x, *args, **kwargs)
@@ -112,6 +141,8 @@ class CoToLinear(CoToLayerMixin, LoraLinear):
     coto_backend: str = "auto"
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._coto_compiling():
+            return self._compiled_forward(x, *args, **kwargs)
         if not self.coto_is_on():
             return self._base_only(x, *args, **kwargs)
         if self.disable_adapters:
@@ -133,6 +164,29 @@ class CoToLinear(CoToLayerMixin, LoraLinear):
             self.lora_B[adapter].bias,
             scaling=self.scaling[adapter],
             dropout_p=dropout_p,
+            weight_is_kn=isinstance(base, Conv1D),
+            backend=self.coto_backend,
+        )
+
+    def _compiled_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The traced form: same math, gate as a tensor into opaque custom ops (``coto_kernels.compile``)."""
+        if self.disable_adapters or args or kwargs or static_fallback_reason(self) is not None:
+            return self._compiled_unfused(x, *args, **kwargs)
+        from .compile import gated_lora_linear
+
+        adapter = next(a for a in self.active_adapters if a in self.lora_A)
+        base = self.get_base_layer()
+        dropout = self.lora_dropout[adapter]
+        return gated_lora_linear(
+            x,
+            base.weight,
+            base.bias,
+            self.lora_A[adapter].weight,
+            self.lora_B[adapter].weight,
+            self.lora_B[adapter].bias,
+            gate=self.coto_gate_tensor,
+            scaling=self.scaling[adapter],
+            dropout_p=dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0,
             weight_is_kn=isinstance(base, Conv1D),
             backend=self.coto_backend,
         )
@@ -223,6 +277,14 @@ def _take_over_input_grads(model: nn.Module, layers: dict[str, nn.Module]) -> li
                 pretrained.enable_input_require_grads()
 
         undo.append(restore)
+    # Input-grad hooks no handle tracks any more (Transformers' gradient_checkpointing_enable and PEFT both call
+    # enable_input_require_grads, the second call overwrites the first one's handle; PEFT's own fallback hook):
+    # removed as well while patched, put back by unpatch.
+    orphans = [(m, key, fn) for m in model.modules() for key, fn in list(m._forward_hooks.items())
+               if getattr(fn, "__name__", "") in ("make_inputs_require_grads", "make_inputs_require_grad")]
+    for m, key, _ in orphans:
+        del m._forward_hooks[key]
+    undo.append(lambda: [m._forward_hooks.__setitem__(key, fn) for m, key, fn in orphans])
     return undo
 
 
@@ -259,6 +321,7 @@ def patch(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    distributed.check_not_wrapped(model)
     if backend == "triton" and not triton_available():
         raise RuntimeError("backend='triton' needs the triton package; install it or use backend='torch'")
     if "coto_controller" in model.__dict__ or any(isinstance(m, CoToLayerMixin) for m in model.modules()):
@@ -278,6 +341,8 @@ def patch(
         layer.__class__ = _gated_class(type(layer))
         layer.coto_name = name
         layer.coto_backend = backend
+        if name in unfused:  # already named in the patch-time warning below
+            layer.__dict__["_coto_warned"] = {unfused[name]}
     controller.redraw()  # hand the initial gates to the now-gated layers
     if unfused:
         listing = "; ".join(f"{name} ({reason})" for name, reason in unfused.items())
@@ -285,7 +350,9 @@ def patch(
             f"CoTo gates these LoRA layers through PEFT's unfused forward: {listing}", stacklevel=2
         )
     model.__dict__["coto_controller"] = controller
-    model.__dict__["_coto_undo"] = _take_over_input_grads(model, layers)
+    undo = _take_over_input_grads(model, layers)
+    undo.append(model.register_forward_pre_hook(distributed.training_guard(controller)).remove)
+    model.__dict__["_coto_undo"] = undo
     return controller
 
 
@@ -299,5 +366,6 @@ def unpatch(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, CoToLayerMixin):
             module.__class__ = next(c for c in type(module).__mro__[1:] if not issubclass(c, CoToLayerMixin))
-            for attr in ("coto_gate", "coto_override", "coto_name", "coto_backend", "_coto_warned"):
+            for attr in ("coto_gate", "_coto_gate", "coto_gate_tensor", "coto_override", "coto_name", "coto_backend",
+                         "_coto_warned"):
                 module.__dict__.pop(attr, None)

@@ -1,0 +1,244 @@
+"""CoTo under data parallelism (DDP, FSDP, ``torchrun``, ``accelerate``, the Transformers ``Trainer``).
+
+What CoTo needs from a data-parallel engine, and how this module makes sure of it:
+
+- Every rank must gate the same adapters at every step. The sampler is a pure function of ``(seed, step)``;
+  ``patch(seed=None)`` takes its seed from rank 0 (``broadcast_seed``) when ``torch.distributed`` is up, and
+  ``check_gates_consistent`` all-gathers a fingerprint of ``(seed, step, gates)`` and raises
+  ``GateMismatchError`` naming the ranks that disagree. It runs by itself at the first training forward under
+  DDP/FSDP and at ``Trainer`` train begin (and every ``check_gates_every`` steps if asked).
+- A gated-off adapter takes no part in the forward, so DDP sees an *unused parameter*. The mechanism is DDP's
+  own ``find_unused_parameters=True``: the reducer marks the skipped adapters ready at once, and since every
+  rank skips the same ones they are globally unused and keep ``grad=None`` (no optimizer update, no AdamW
+  momentum or weight decay), while backward still stops below the lowest active adapter. Its cost is one walk
+  of the autograd graph per step. ``find_unused_parameters=False`` raises at the first training forward (not
+  at DDP's cryptic second-step error), and so does ``static_graph=True`` (the graph changes every step).
+- FSDP2 (``fully_shard``) keeps one parameter per adapter tensor and reduces only the gradients that exist:
+  it needs nothing. FSDP1 (``FullyShardedDataParallel``) must run with ``use_orig_params=True``; with flat
+  parameters a skipped adapter would get a zero gradient inside its flat tensor, which AdamW still applies.
+- Order: ``patch`` first, then wrap (DDP, FSDP, ``accelerator.prepare``, ``Trainer``). ``patch`` on an already
+  wrapped model raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+if TYPE_CHECKING:
+    from .controller import CoToController
+
+FIND_UNUSED_HINT = (
+    "CoTo switches adapters off, so DDP sees their parameters as unused. Wrap with "
+    "DistributedDataParallel(model, find_unused_parameters=True); with the Trainer set "
+    "TrainingArguments(ddp_find_unused_parameters=True); with accelerate pass "
+    "kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] to Accelerator"
+)
+
+
+class GateMismatchError(RuntimeError):
+    """The ranks of a data-parallel run would gate different adapters (or are at different steps)."""
+
+
+def world_size() -> int:
+    """The size of the default process group, 1 when ``torch.distributed`` is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _collective_device(group: Any = None) -> torch.device:
+    """Where small control tensors must live for the group's backend (CUDA for NCCL, else CPU)."""
+    backend = dist.get_backend(group)
+    if "nccl" in str(backend) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_seed(seed: int, group: Any = None) -> int:
+    """Rank 0's ``seed`` on every rank of ``group`` (a collective: every rank must call it)."""
+    if world_size() <= 1:
+        return int(seed)
+    value = torch.tensor([int(seed)], dtype=torch.int64, device=_collective_device(group))
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    dist.broadcast(value, src=src, group=group)
+    return int(value.item())
+
+
+def gate_fingerprint(controller: CoToController) -> int:
+    """A 62-bit hash of what decides the gates: groups, seed, step, schedule state and the gates themselves."""
+    overrides = [
+        [getattr(layer, "coto_override", None) for layer in members] for members in controller._members
+    ]
+    text = repr((controller.groups, controller.seed, controller.global_step, round(controller.p, 12),
+                 [bool(g) for g in controller.gates], overrides))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 2
+
+
+def check_gates_consistent(controller: CoToController, group: Any = None) -> None:
+    """Raise ``GateMismatchError`` unless every rank of ``group`` has the same step and gates.
+
+    A collective (one all-gather of two integers): call it on every rank, at the same point of the loop.
+    Without ``torch.distributed`` (or with one process) it returns at once.
+    """
+    if world_size() <= 1:
+        return
+    mine = torch.tensor([controller.global_step, gate_fingerprint(controller)], dtype=torch.int64,
+                        device=_collective_device(group))
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    rows = [tuple(int(v) for v in t.tolist()) for t in gathered]
+    if len(set(rows)) > 1:
+        listing = ", ".join(f"rank {r}: step {s} fingerprint {f:016x}" for r, (s, f) in enumerate(rows))
+        raise GateMismatchError(
+            f"CoTo gates differ across ranks ({listing}); this rank has seed {controller.seed}, step "
+            f"{controller.global_step}, gates {[int(g) for g in controller.gates]}. Ranks must share the seed "
+            "(patch(seed=...) with the same value everywhere, or seed=None after init_process_group so rank 0's "
+            "seed is broadcast), call controller.step() once per optimizer step on every rank, and set the same "
+            "overrides everywhere."
+        )
+
+
+# -- engines ---------------------------------------------------------------------------------------------------
+
+
+def _fsdp1_class() -> type | None:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover
+        return None
+    return FullyShardedDataParallel
+
+
+def _fsdp2_class() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch < 2.6
+        return None
+    return FSDPModule
+
+
+def wrapper_name(module: nn.Module) -> str | None:
+    """The kind of data-parallel wrapper ``module`` is or contains (DDP, FSDP, ``fully_shard``), or None."""
+    fsdp1, fsdp2 = _fsdp1_class(), _fsdp2_class()
+    for m in module.modules():
+        if isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            return type(m).__name__
+        if fsdp1 is not None and isinstance(m, fsdp1):
+            return "FullyShardedDataParallel"
+        if fsdp2 is not None and isinstance(m, fsdp2):
+            return "fully_shard (FSDP2)"
+    return None
+
+
+def check_not_wrapped(model: nn.Module) -> None:
+    """``patch`` must see the bare (PEFT) model: raise if it is already DDP/FSDP-wrapped."""
+    kind = wrapper_name(model)
+    if kind is not None:
+        raise RuntimeError(
+            f"coto_kernels.patch got a model wrapped by {kind}. Patch the PEFT model first, then wrap it "
+            "(DistributedDataParallel / FSDP / fully_shard / accelerator.prepare / Trainer do the wrapping after "
+            "patch): wrappers capture parameters and hooks at wrap time, so patching inside them is unsupported."
+        )
+
+
+def check_ddp(ddp: nn.Module) -> None:
+    """Raise if a ``DistributedDataParallel`` wrapper is set up in a way CoTo cannot run under."""
+    if getattr(ddp, "static_graph", False):
+        raise RuntimeError(
+            "CoTo cannot run under DDP with static_graph=True: the set of adapters in the graph changes every "
+            "step. Use static_graph=False (TrainingArguments(ddp_static_graph=False)) and find_unused_parameters=True."
+        )
+    if not getattr(ddp, "find_unused_parameters", True):
+        raise RuntimeError(f"DDP was built with find_unused_parameters=False. {FIND_UNUSED_HINT}.")
+
+
+def check_engine(model: Any) -> None:
+    """Check every DDP / FSDP wrapper in ``model`` (the wrapped model) for settings CoTo cannot run under."""
+    if not isinstance(model, nn.Module):
+        return
+    fsdp1 = _fsdp1_class()
+    for m in model.modules():
+        if isinstance(m, nn.parallel.DistributedDataParallel):
+            check_ddp(m)
+        elif fsdp1 is not None and isinstance(m, fsdp1) and not getattr(m, "_use_orig_params", True):
+            raise RuntimeError(
+                "CoTo needs FullyShardedDataParallel(use_orig_params=True) (Trainer/accelerate: fsdp_config "
+                "use_orig_params=true), or FSDP2 fully_shard: with flat parameters a gated-off adapter gets a zero "
+                "gradient inside its flat tensor, and AdamW still moves it (momentum, weight decay)."
+            )
+
+
+def _controller_needs_unused(controller: CoToController) -> bool:
+    """Whether adapters can ever be skipped (``schedule="off"`` keeps every adapter on)."""
+    return controller.schedule != "off" or controller.initial_p < 1.0
+
+
+def training_guard(controller: CoToController) -> Callable:
+    """Forward pre-hook for the patched model: engine and gate checks at the first training forward.
+
+    Under DDP (seen through ``DistributedDataParallel._active_ddp_module``, which DDP sets around the inner
+    forward) or FSDP it checks the engine options once per wrapper and the gates once, both collectives-free
+    except the one all-gather of the gate check, which every rank reaches in its first forward.
+    """
+    checked: weakref.WeakSet = weakref.WeakSet()
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if not module.training or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return
+        if world_size() <= 1:
+            return
+        ddp = nn.parallel.DistributedDataParallel._get_active_ddp_module()
+        wrapper = ddp if ddp is not None else module
+        if wrapper in checked:
+            return
+        fsdp2 = _fsdp2_class()
+        if ddp is None and not (fsdp2 is not None and isinstance(module, fsdp2)):
+            return  # not inside a data-parallel forward we can see
+        if ddp is not None and _controller_needs_unused(controller):
+            check_ddp(ddp)
+        checked.add(wrapper)
+        if os.environ.get("COTO_SKIP_GATE_CHECK") != "1":
+            check_gates_consistent(controller)
+
+    return hook
+
+
+# -- Transformers Trainer --------------------------------------------------------------------------------------
+
+
+def check_trainer_args(args: Any, model: Any, controller: CoToController) -> None:
+    """Fail at ``Trainer`` construction for engine options CoTo cannot run under (see the module docstring)."""
+    distributed = getattr(args, "world_size", 1) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
+        raise RuntimeError(
+            "coto_kernels does not support DeepSpeed: ZeRO reduces flat gradient partitions, so a gated-off "
+            "adapter would get a zero gradient and still be moved by AdamW. Use DDP or FSDP (fsdp_version 2)."
+        )
+    if not distributed or not _controller_needs_unused(controller):
+        return
+    if getattr(args, "ddp_static_graph", None):
+        raise RuntimeError("CoTo cannot run with TrainingArguments(ddp_static_graph=True): the graph changes "
+                           "every step. Leave it unset.")
+    find_unused = getattr(args, "ddp_find_unused_parameters", None)
+    if find_unused is None:
+        # The Trainer's own default: True, except for a PreTrainedModel with gradient checkpointing.
+        from transformers import PreTrainedModel
+
+        if isinstance(model, PreTrainedModel) and (
+            getattr(model, "is_activation_checkpointing", False) or getattr(args, "activation_checkpointing", False)
+        ):
+            find_unused = False
+        else:
+            find_unused = True
+    if getattr(args, "fsdp", None):
+        return  # FSDP ignores the DDP flag; check_engine looks at the wrapped model at train begin
+    if not find_unused:
+        raise RuntimeError(f"The Trainer would build DDP with find_unused_parameters=False. {FIND_UNUSED_HINT}.")
