@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .functional import _kernels, new_dropout_seed, resolve_backend
+from .functional import _kernels, autocast_operands, base_weight_grad, new_dropout_seed, resolve_backend
 
 _OPS = "coto_kernels"
 
@@ -135,9 +135,7 @@ def _backward(ctx, dy, _ds, _dseed):
         dy, x, weight, lora_a, lora_b, s, seed, gate, scaling, dropout_p, weight_is_kn, backend,
         need[0], need[2], need[5],
     )
-    d_weight = None
-    if need[1]:  # a frozen base is the norm; an unfrozen one still gets its exact gradient
-        d_weight = x.t() @ dy if weight_is_kn else dy.t() @ x
+    d_weight = base_weight_grad(x, dy, weight_is_kn) if need[1] else None
     return (
         dx if need[0] else None,
         d_weight,
@@ -167,15 +165,11 @@ def gated_lora_linear(
     backend: str = "auto",
 ) -> Tensor:
     """``coto_kernels.lora_linear`` with the gate as a 0-d bool tensor: one graph for every gate value."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
-        bias = bias.to(dtype) if bias is not None else None
-        lora_bias = lora_bias.to(dtype) if lora_bias is not None else None
-        with torch.autocast(device_type, enabled=False):
-            return gated_lora_linear(x, weight, bias, lora_a, lora_b, lora_bias, gate=gate, scaling=scaling,
-                                     dropout_p=dropout_p, weight_is_kn=weight_is_kn, backend=backend)
+    cast = autocast_operands(x, weight, bias, lora_a, lora_b, lora_bias)
+    if cast is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return gated_lora_linear(*cast, gate=gate, scaling=scaling, dropout_p=dropout_p,
+                                     weight_is_kn=weight_is_kn, backend=backend)
     x2d = x.reshape(-1, x.shape[-1])
     y, _, _ = gated_lora_fwd(x2d, weight, bias, lora_a, lora_b, lora_bias, gate, float(scaling), float(dropout_p),
                              bool(weight_is_kn), backend)

@@ -55,6 +55,25 @@ def new_dropout_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)))
 
 
+def base_weight_grad(x2d: Tensor, dy2d: Tensor, weight_is_kn: bool) -> Tensor:
+    """Gradient of an unfrozen base weight (frozen is the norm), in its own layout."""
+    return x2d.t() @ dy2d if weight_is_kn else dy2d.t() @ x2d
+
+
+def autocast_operands(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor | None] | None:
+    """The operands cast to the autocast dtype, as autocast would for PEFT's separate F.linear calls.
+
+    None when autocast is off for ``x``'s device. The caller then runs with autocast disabled.
+    """
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None else None for t in (x, weight, bias, lora_a, lora_b, lora_bias))
+
+
 class GatedLoRAFunction(torch.autograd.Function):
     """Fused base GEMM + low-rank update + gate; see the module docstring for what is saved."""
 
@@ -95,9 +114,7 @@ class GatedLoRAFunction(torch.autograd.Function):
             dy2d, x2d, weight, weight_is_kn, lora_a, lora_b, s, scaling, gate, dropout_p, seed,
             need[0], need[3] or need[4], need[2], need[5],
         )
-        d_weight = None
-        if need[1]:  # a frozen base is the norm; an unfrozen one still gets its exact gradient
-            d_weight = x2d.t() @ dy2d if weight_is_kn else dy2d.t() @ x2d
+        d_weight = base_weight_grad(x2d, dy2d, weight_is_kn) if need[1] else None
         if dx is not None:
             dx = dx.view(x.shape)
         return (
@@ -139,15 +156,11 @@ def lora_linear(
         raise ValueError(
             f"shape mismatch: x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}"
         )
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
-        bias = bias.to(dtype) if bias is not None else None
-        lora_bias = lora_bias.to(dtype) if lora_bias is not None else None
-        with torch.autocast(device_type, enabled=False):
-            return lora_linear(x, weight, bias, lora_a, lora_b, lora_bias, scaling=scaling, dropout_p=dropout_p,
-                               gate=gate, weight_is_kn=weight_is_kn, seed=seed, backend=backend)
+    cast = autocast_operands(x, weight, bias, lora_a, lora_b, lora_bias)
+    if cast is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(*cast, scaling=scaling, dropout_p=dropout_p, gate=gate, weight_is_kn=weight_is_kn,
+                               seed=seed, backend=backend)
     if seed is None:
         seed = new_dropout_seed() if dropout_p > 0.0 and gate else 0
     backend = resolve_backend(backend, x.device)

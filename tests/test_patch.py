@@ -265,3 +265,21 @@ def test_gradient_checkpointing_keeps_truncation_and_gradients(reentrant):
     coto_kernels.unpatch(model)  # the embedding hook transformers asked for comes back
     model(**batch)
     assert embed_out_requires_grad[-1] is True
+
+
+def test_autocast_matches_peft_under_autocast():
+    ref = tiny_peft_model("llama")
+    ours = copy.deepcopy(ref)
+    coto_kernels.patch(ours, schedule="off", seed=0)
+    batch = batch_for("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss = ref(**batch).loss
+        loss = ours(**batch).loss
+    ref_loss.backward()
+    loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=0)
+    ref_grads = lora_grads(ref)
+    for name, grad in lora_grads(ours).items():
+        assert grad.dtype == torch.float32  # fp32 adapters keep fp32 gradients
+        scale = ref_grads[name].abs().max().item()
+        torch.testing.assert_close(grad, ref_grads[name], rtol=0.1, atol=0.05 * scale, msg=name)
