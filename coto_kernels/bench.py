@@ -33,7 +33,7 @@ import torch
 PRESETS: dict[str, dict[str, int]] = {
     # name: hidden, intermediate, layers, heads, vocab, seq, batch, rounds, steps per round
     "tiny": dict(hidden=64, intermediate=128, layers=2, heads=2, vocab=128, seq=32, batch=2, rounds=2, steps=2),
-    "small": dict(hidden=512, intermediate=1376, layers=8, heads=8, vocab=1024, seq=256, batch=2, rounds=4, steps=4),
+    "small": dict(hidden=512, intermediate=1376, layers=8, heads=8, vocab=1024, seq=256, batch=2, rounds=5, steps=4),
     "medium": dict(hidden=1024, intermediate=2816, layers=8, heads=16, vocab=4096, seq=512, batch=4, rounds=4,
                    steps=5),
     "large": dict(hidden=2048, intermediate=5632, layers=16, heads=16, vocab=32000, seq=1024, batch=8, rounds=5,
