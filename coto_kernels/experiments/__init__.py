@@ -1,0 +1,1 @@
+"""Experiments built on coto_kernels (optional extras; see each module)."""
