@@ -35,7 +35,8 @@ def block_prefix(module_name: str) -> str | None:
     return None
 
 
-def _natural_key(name: str) -> list:
+def natural_key(name: str) -> list:
+    """Sort key comparing the numeric parts of a module path as numbers (``layers.10`` after ``layers.9``)."""
     return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
 
 
@@ -51,7 +52,7 @@ def group_names(module_names: list[str], granularity: str = "layer") -> tuple[li
         keys = list(module_names)
     else:
         keys = [block_prefix(name) or name for name in module_names]
-    groups = sorted(set(keys), key=_natural_key)
+    groups = sorted(set(keys), key=natural_key)
     position = {g: i for i, g in enumerate(groups)}
     return groups, [position[k] for k in keys]
 

@@ -42,7 +42,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..gates import block_prefix
+from ..gates import block_prefix, natural_key
 from .adapter import LoraAdapter
 
 PATTERNS = ("every-other", "every-other-even", "low", "middle", "high")
@@ -59,15 +59,9 @@ def lora_modules(model: nn.Module, adapter_name: str = "default") -> dict[str, n
     }
 
 
-def _natural_key(name: str) -> list:
-    import re
-
-    return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
-
-
 def adapter_blocks(modules: Iterable[str]) -> list[str]:
     """The distinct block prefixes of ``modules``, sorted by block index (modules outside blocks are skipped)."""
-    return sorted({b for m in modules if (b := block_prefix(m)) is not None}, key=_natural_key)
+    return sorted({b for m in modules if (b := block_prefix(m)) is not None}, key=natural_key)
 
 
 def projection_of(module: str) -> str:
