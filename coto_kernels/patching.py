@@ -151,22 +151,23 @@ class CoToLinear(CoToLayerMixin, LoraLinear):
         if reason is not None:
             _warn_once(self, reason)
             return LoraLinear.forward(self, x, *args, **kwargs)
+        operands, options = self._fused_operands()
+        return lora_linear(x, *operands, **options)
+
+    def _fused_operands(self) -> tuple[tuple, dict[str, Any]]:
+        """(weight, bias, lora_a, lora_b, lora_bias) and the scalar options of the fused call."""
         adapter = next(a for a in self.active_adapters if a in self.lora_A)
         base = self.get_base_layer()
         dropout = self.lora_dropout[adapter]
-        dropout_p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        return lora_linear(
-            x,
-            base.weight,
-            base.bias,
-            self.lora_A[adapter].weight,
-            self.lora_B[adapter].weight,
-            self.lora_B[adapter].bias,
+        operands = (base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                    self.lora_B[adapter].bias)
+        options = dict(
             scaling=self.scaling[adapter],
-            dropout_p=dropout_p,
+            dropout_p=dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0,
             weight_is_kn=isinstance(base, Conv1D),
             backend=self.coto_backend,
         )
+        return operands, options
 
     def _compiled_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The traced form: same math, gate as a tensor into opaque custom ops (``coto_kernels.compile``)."""
@@ -174,22 +175,8 @@ class CoToLinear(CoToLayerMixin, LoraLinear):
             return self._compiled_unfused(x, *args, **kwargs)
         from .compile import gated_lora_linear
 
-        adapter = next(a for a in self.active_adapters if a in self.lora_A)
-        base = self.get_base_layer()
-        dropout = self.lora_dropout[adapter]
-        return gated_lora_linear(
-            x,
-            base.weight,
-            base.bias,
-            self.lora_A[adapter].weight,
-            self.lora_B[adapter].weight,
-            self.lora_B[adapter].bias,
-            gate=self.coto_gate_tensor,
-            scaling=self.scaling[adapter],
-            dropout_p=dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0,
-            weight_is_kn=isinstance(base, Conv1D),
-            backend=self.coto_backend,
-        )
+        operands, options = self._fused_operands()
+        return gated_lora_linear(x, *operands, gate=self.coto_gate_tensor, **options)
 
 
 @functools.cache

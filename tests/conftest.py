@@ -90,5 +90,14 @@ def batch_for(arch: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[st
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny matrices: OpenMP threads only add contention on a shared CPU (30 s -> 2 s for a benchmark test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def llama():
     return tiny_peft_model("llama")

@@ -12,14 +12,7 @@ from conftest import batch_for, tiny_peft_model
 import coto_kernels
 from coto_kernels import bench_scale
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: OpenMP threads only add contention on a shared CPU (30 s -> 2 s for the benchmark)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blocks_of(model):

@@ -14,16 +14,7 @@ from torch._dynamo.backends.debugging import aot_eager
 import coto_kernels
 from coto_kernels.compile import gated_lora_linear
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: OpenMP threads only add contention on a shared CPU (30 s -> 2 s for the benchmark)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 class CountingBackend:

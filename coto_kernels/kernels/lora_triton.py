@@ -65,6 +65,17 @@ def _keep_mask(seed, offs_m, offs_k, K, dropout_p):
 
 
 @triton.jit
+def _load_kept_x(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk, dropout_p, seed,
+                 LORA_DROPOUT: tl.constexpr, CDT: tl.constexpr):
+    """keep * X for a [len(offs_m), len(offs_k)] tile, zero outside X; callers apply 1/(1-p) to their fp32 sums."""
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0).to(CDT)
+    if LORA_DROPOUT:
+        x = tl.where(_keep_mask(seed, offs_m, offs_k, K, dropout_p), x, 0.0).to(CDT)
+    return x
+
+
+@triton.jit
 def _keep_mask_kernel(out_ptr, M, K, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[m, k] = keep[m, k] as int8 (tests only)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -214,10 +225,7 @@ def _lora_s_kernel(
     for kb in range(kb_start, kb_end):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(CDT)
-        if LORA_DROPOUT:
-            x = tl.where(_keep_mask(seed, offs_m, offs_k, K, dropout_p), x, 0.0).to(CDT)
+        x = _load_kept_x(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk, dropout_p, seed, LORA_DROPOUT, CDT)
         at = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
                      mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(CDT)
         acc = tl.dot(x, at, acc, input_precision=DOT_PRECISION)
@@ -318,10 +326,7 @@ def _lora_da_kernel(
     for mb in range(mb_start, mb_end):
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(CDT)
-        if LORA_DROPOUT:
-            x = tl.where(_keep_mask(seed, offs_m, offs_k, K, dropout_p), x, 0.0).to(CDT)
+        x = _load_kept_x(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk, dropout_p, seed, LORA_DROPOUT, CDT)
         ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
                      mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(CDT)
         acc = tl.dot(tl.trans(x), ds, acc, input_precision=DOT_PRECISION)
