@@ -308,15 +308,6 @@ def test_shapley_with_interactions_matches_closed_form():
     assert result.n_evaluations <= 16
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: one thread avoids OpenMP spin-waits on a shared machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_adapter_shapley_on_a_model_matches_exact():
     model = tiny_peft_model("bert", num_layers=3)
     coto_kernels.patch(model, total_steps=10, seed=0)
