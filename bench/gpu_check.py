@@ -45,6 +45,7 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before trito
 import triton  # noqa: E402
 
 from coto_kernels.kernels import lora_triton  # noqa: E402
+from coto_kernels.kernels.interface import GradRequest, LoraOptions  # noqa: E402
 
 TARGETS = {  # (numerator, denominator): bound, at r = 16 and M >= 8192 (worst case over K, N and dropout)
     ("g1", "peft"): 0.72,
@@ -131,9 +132,10 @@ def parity_case(m: int, k: int, n: int, r: int, gate: bool, p: float, kn: bool, 
     a, b = rnd(r, k, dt=adapter_dtype, scale=k**-0.5), rnd(n, r, dt=adapter_dtype, scale=r**-0.5)
     bias, lbias = rnd(n), rnd(n, dt=adapter_dtype)
     scaling, seed = 2.0, 1234
-    y, s = lora_triton.lora_forward(x, w, kn, bias, a, b, lbias, scaling, gate, p, seed)
-    dx, da, db, dbias, dlbias = lora_triton.lora_backward(dy, x, w, kn, a, b, s, scaling, gate, p, seed,
-                                                          True, True, True, True)
+    options = LoraOptions(scaling=scaling, dropout_p=p, seed=seed, gate=gate, weight_is_kn=kn)
+    y, s = lora_triton.lora_forward(x, w, bias, a, b, lbias, options=options)
+    dx, da, db, dbias, dlbias = lora_triton.lora_backward(dy, x, w, a, b, s, options=options,
+                                                          need=GradRequest(True, True, True, True))
     x64, dy64, w64 = x.double(), dy.double(), (w.double().t() if kn else w.double())
     y_ref, dx_ref = x64 @ w64.t() + bias.double(), dy64 @ w64
     errs = {"y": _rel(y, y_ref) if not gate else None, "dx": _rel(dx, dx_ref) if not gate else None,

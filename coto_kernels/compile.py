@@ -25,7 +25,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .functional import _kernels, autocast_operands, base_weight_grad, new_dropout_seed, resolve_backend
+from .functional import autocast_operands, base_weight_grad, new_dropout_seed, resolve_backend
+from .kernels import load_backend
+from .kernels.interface import GradRequest, LoraOptions
 
 _OPS = "coto_kernels"
 
@@ -51,9 +53,9 @@ def gated_lora_fwd(
     """2-D ``x``; returns ``(Y, S, seed)`` (``S`` is zeros and ``seed`` 0 when the gate is off)."""
     on = bool(gate.item())  # a CPU scalar: no device synchronisation
     seed = new_dropout_seed() if on and dropout_p > 0.0 else 0
-    kernels = _kernels(resolve_backend(backend, x.device))
-    y, s = kernels.lora_forward(x, weight, weight_is_kn, bias, lora_a, lora_b, lora_bias, scaling, on, dropout_p,
-                                seed)
+    options = LoraOptions(scaling=scaling, dropout_p=dropout_p, seed=seed, gate=on, weight_is_kn=weight_is_kn)
+    y, s = load_backend(resolve_backend(backend, x.device)).lora_forward(x, weight, bias, lora_a, lora_b, lora_bias,
+                                                                         options=options)
     if s is None:
         s = torch.zeros(x.shape[0], lora_a.shape[0], dtype=lora_a.dtype, device=x.device)
     return y, s, torch.tensor(seed, dtype=torch.int64)
@@ -87,11 +89,12 @@ def gated_lora_bwd(
 ) -> list[Tensor]:
     """``[dX, dA, dB, d_bias, d_lora_bias]``; zeros for dA/dB when gated off, empty where not needed."""
     on = bool(gate.item())
-    kernels = _kernels(resolve_backend(backend, x.device))
     dy = dy if dy.is_contiguous() else dy.contiguous()
-    dx, d_a, d_b, d_bias, d_lora_bias = kernels.lora_backward(
-        dy, x, weight, weight_is_kn, lora_a, lora_b, s if on else None, scaling, on, dropout_p, int(seed.item()),
-        need_dx, True, need_dbias, need_dlora_bias,
+    options = LoraOptions(scaling=scaling, dropout_p=dropout_p, seed=int(seed.item()), gate=on,
+                          weight_is_kn=weight_is_kn)
+    need = GradRequest(dx=need_dx, dlora=True, dbias=need_dbias, dlora_bias=need_dlora_bias)
+    dx, d_a, d_b, d_bias, d_lora_bias = load_backend(resolve_backend(backend, x.device)).lora_backward(
+        dy, x, weight, lora_a, lora_b, s if on else None, options=options, need=need
     )
     if d_a is None:
         d_a, d_b = torch.zeros_like(lora_a), torch.zeros_like(lora_b)

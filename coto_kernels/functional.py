@@ -1,35 +1,24 @@
 """The gated LoRA linear layer as one ``torch.autograd.Function`` over interchangeable kernel backends.
 
 ``lora_linear`` computes ``Y = X W^T + bias + gate * scaling * (B A drop(X) + lora_bias)`` with an explicit
-backward (the math is in ``coto_kernels.kernels.lora_torch``). It saves only X (a reference to the input, no
+backward (the math is in ``coto_kernels.kernels.interface``). It saves only X (a reference to the input, no
 copy), S = drop(X) A^T (M x r) and the dropout seed: never a dropped copy of X, a mask, or anything M x N.
 """
 
 from __future__ import annotations
 
-import functools
-from types import ModuleType
-
 import torch
 from torch import Tensor
 
-from .kernels import lora_torch
+from .kernels import KERNEL_BACKENDS, backend_available, load_backend
+from .kernels.interface import GradRequest, LoraOptions
 
-BACKENDS = ("auto", "torch", "triton")
-
-
-@functools.cache
-def _triton_kernels() -> ModuleType | None:
-    try:
-        from .kernels import lora_triton
-    except ImportError:
-        return None
-    return lora_triton
+BACKENDS = ("auto", *KERNEL_BACKENDS)
 
 
 def triton_available() -> bool:
     """Whether the Triton backend can be imported here."""
-    return _triton_kernels() is not None
+    return backend_available("triton")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -39,15 +28,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     return backend
-
-
-def _kernels(backend: str) -> ModuleType:
-    if backend == "torch":
-        return lora_torch
-    kernels = _triton_kernels()
-    if kernels is None:
-        raise RuntimeError("backend='triton' needs the triton package; install it or use backend='torch'")
-    return kernels
 
 
 def new_dropout_seed() -> int:
@@ -94,36 +74,33 @@ class GatedLoRAFunction(torch.autograd.Function):
         backend: str,
     ) -> Tensor:
         x2d = x.reshape(-1, x.shape[-1])
-        y, s = _kernels(backend).lora_forward(
-            x2d, weight, weight_is_kn, bias, lora_a, lora_b, lora_bias, scaling, gate, dropout_p, seed
-        )
+        options = LoraOptions(scaling=scaling, dropout_p=dropout_p, seed=seed, gate=gate, weight_is_kn=weight_is_kn)
+        y, s = load_backend(backend).lora_forward(x2d, weight, bias, lora_a, lora_b, lora_bias, options=options)
         ctx.save_for_backward(x, weight, lora_a, lora_b, s)
-        ctx.options = (scaling, dropout_p, seed, gate, weight_is_kn, backend)
+        ctx.options = options
+        ctx.backend = backend
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight, lora_a, lora_b, s = ctx.saved_tensors
-        scaling, dropout_p, seed, gate, weight_is_kn, backend = ctx.options
-        need = ctx.needs_input_grad
+        options: LoraOptions = ctx.options
+        need_x, need_weight, need_bias, need_a, need_b, need_lora_bias = ctx.needs_input_grad[:6]
         x2d = x.reshape(-1, x.shape[-1])
         dy2d = dy.reshape(-1, dy.shape[-1])
         if not dy2d.is_contiguous():
             dy2d = dy2d.contiguous()
-        dx, d_lora_a, d_lora_b, d_bias, d_lora_bias = _kernels(backend).lora_backward(
-            dy2d, x2d, weight, weight_is_kn, lora_a, lora_b, s, scaling, gate, dropout_p, seed,
-            need[0], need[3] or need[4], need[2], need[5],
-        )
-        d_weight = base_weight_grad(x2d, dy2d, weight_is_kn) if need[1] else None
-        if dx is not None:
-            dx = dx.view(x.shape)
+        need = GradRequest(dx=need_x, dlora=need_a or need_b, dbias=need_bias, dlora_bias=need_lora_bias)
+        grads = load_backend(ctx.backend).lora_backward(dy2d, x2d, weight, lora_a, lora_b, s, options=options,
+                                                        need=need)
+        d_weight = base_weight_grad(x2d, dy2d, options.weight_is_kn) if need_weight else None
         return (
-            dx,
+            grads.dx.view(x.shape) if grads.dx is not None else None,
             d_weight,
-            d_bias,
-            d_lora_a if need[3] else None,
-            d_lora_b if need[4] else None,
-            d_lora_bias,
+            grads.d_bias,
+            grads.d_lora_a if need_a else None,
+            grads.d_lora_b if need_b else None,
+            grads.d_lora_bias,
             None, None, None, None, None, None,
         )
 

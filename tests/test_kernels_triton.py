@@ -13,6 +13,7 @@ if not torch.cuda.is_available():  # must precede the first triton.jit: the inte
 pytest.importorskip("triton")
 
 from coto_kernels.kernels import lora_triton  # noqa: E402
+from coto_kernels.kernels.interface import GradRequest, LoraOptions  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
@@ -68,11 +69,11 @@ def _reference(t, weight_is_kn, scaling, gate, p, keep, *, b_override=None):
 
 
 def _run(t, weight_is_kn, scaling, gate, p, seed, need=(True, True, True, True)):
-    y, s = lora_triton.lora_forward(t["x"], t["w"], weight_is_kn, t["bias"], t["a"], t["b"], t["lora_bias"],
-                                    scaling, gate, p, seed)
-    grads = lora_triton.lora_backward(t["dy"], t["x"], t["w"], weight_is_kn, t["a"], t["b"], s, scaling, gate, p,
-                                      seed, *need)
-    return y, s, dict(zip(("dx", "d_lora_a", "d_lora_b", "d_bias", "d_lora_bias"), grads, strict=True))
+    options = LoraOptions(scaling=scaling, dropout_p=p, seed=seed, gate=gate, weight_is_kn=weight_is_kn)
+    y, s = lora_triton.lora_forward(t["x"], t["w"], t["bias"], t["a"], t["b"], t["lora_bias"], options=options)
+    grads = lora_triton.lora_backward(t["dy"], t["x"], t["w"], t["a"], t["b"], s, options=options,
+                                      need=GradRequest(*need))
+    return y, s, grads._asdict()
 
 
 def _check(t, out, ref, dtype, adapter_dtype, gate):

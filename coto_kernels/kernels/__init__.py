@@ -1,6 +1,50 @@
-"""Kernels of the gated LoRA linear layer, one module per backend with one contract.
+"""Kernels of the gated LoRA linear layer: one module per backend, one contract (``interface``).
 
-Each backend module provides ``lora_forward``, ``lora_backward`` and ``dropout_keep_mask`` with the same
-signatures; ``coto_kernels.functional`` picks one per call. ``lora_torch`` runs everywhere; ``lora_triton``
-needs Triton (a GPU, or the CPU interpreter with ``TRITON_INTERPRET=1`` set before import).
+- ``lora_torch``: PyTorch ops; runs everywhere.
+- ``lora_triton``: fused Triton kernels; needs Triton and CUDA tensors (or the CPU interpreter with
+  ``TRITON_INTERPRET=1`` set before Triton is first imported).
+
+``dropout_mask`` defines the dropout mask all of them regenerate. ``load_backend(name)`` imports a backend
+module; ``backend_status()`` tells which are usable here and why one is not.
 """
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+#: Concrete backends, in the order ``auto`` prefers them where their device fits.
+KERNEL_BACKENDS = ("torch", "triton")
+
+# name -> (module or None, why not). A plain dict rather than functools.cache: load_backend runs inside traced
+# forwards, and Dynamo reads a dict without a graph break.
+_IMPORTED: dict[str, tuple[ModuleType | None, str | None]] = {}
+
+
+def _import(name: str) -> tuple[ModuleType | None, str | None]:
+    if name not in _IMPORTED:
+        try:
+            _IMPORTED[name] = importlib.import_module(f"{__name__}.lora_{name}"), None
+        except ImportError as error:  # the backend's toolchain (triton, the built extension) is missing
+            _IMPORTED[name] = None, f"{type(error).__name__}: {error}"
+    return _IMPORTED[name]
+
+
+def backend_status() -> dict[str, str | None]:
+    """For each concrete backend: None when it can be used here, else why not."""
+    return {name: _import(name)[1] for name in KERNEL_BACKENDS}
+
+
+def backend_available(name: str) -> bool:
+    """Whether the concrete backend ``name`` can be imported here."""
+    return name in KERNEL_BACKENDS and _import(name)[0] is not None
+
+
+def load_backend(name: str) -> ModuleType:
+    """The backend module ``name`` (see ``interface.LoraBackend``); RuntimeError saying why when unavailable."""
+    if name not in KERNEL_BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {KERNEL_BACKENDS}")
+    module, why = _import(name)
+    if module is None:
+        raise RuntimeError(f"coto_kernels backend {name!r} is not available here ({why}); use backend='torch'")
+    return module

@@ -45,6 +45,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .interface import GradRequest, LoraGrads, LoraOptions
+
 # Under the interpreter bf16 tensors are raw bits, so every loaded tile is upcast to fp32 before any arithmetic;
 # on a GPU the MMA must stay in the input dtype. This flag picks the compute dtype handed to the kernels.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -458,22 +460,15 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int], dropout_p: float, devic
 
 
 def lora_forward(
-    x: Tensor,
-    weight: Tensor,
-    weight_is_kn: bool,
-    bias: Tensor | None,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    lora_bias: Tensor | None,
-    scaling: float,
-    gate: bool,
-    dropout_p: float,
-    seed: int,
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None, *,
+    options: LoraOptions,
 ) -> tuple[Tensor, Tensor | None]:
-    """Return ``(Y, S)`` for 2-D ``x`` [M, K]: Y [M, N] in x's dtype, S = drop(X) A^T fp32 [M, r] or None (gate off).
+    """``(Y, S)`` for 2-D ``x`` [M, K]: Y [M, N] in x's dtype, S fp32 [M, r] or None (gate off).
 
-    Y = X W^T + bias + g * s * (S B^T + lora_bias); see the module docstring for the kernels and dispatch.
+    See the module docstring for the kernels and the dispatch.
     """
+    scaling, gate, dropout_p, seed, weight_is_kn = (options.scaling, options.gate, options.dropout_p, options.seed,
+                                                    options.weight_is_kn)
     m, k = x.shape
     n, stride_wn, stride_wk = _weight_strides(weight, weight_is_kn)
     if not gate:
@@ -495,35 +490,20 @@ def lora_forward(
 
 
 def lora_backward(
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    weight_is_kn: bool,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    s: Tensor | None,
-    scaling: float,
-    gate: bool,
-    dropout_p: float,
-    seed: int,
-    need_dx: bool,
-    need_dlora: bool,
-    need_dbias: bool,
-    need_dlora_bias: bool,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """Return ``(dX, dA, dB, d_bias, d_lora_bias)`` for 2-D ``dy`` [M, N]; None where not needed or gated off.
-
-    dS = s * dY B, dB = s * dY^T S, dA = dS^T drop(X), dX = dY W + g * drop'(dS A), d_bias = sum_rows(dY),
-    d_lora_bias = s * sum_rows(dY). dX is in x's dtype, dA/dB in the adapters' dtypes, d_bias in dY's dtype and
-    d_lora_bias in lora_b's dtype. ``s`` is the fp32 S returned by :func:`lora_forward`.
-    """
+    dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s: Tensor | None, *,
+    options: LoraOptions, need: GradRequest,
+) -> LoraGrads:
+    """The gradients for 2-D ``dy`` [M, N]; ``s`` is the fp32 S returned by :func:`lora_forward`."""
+    scaling, gate, dropout_p, seed, weight_is_kn = (options.scaling, options.gate, options.dropout_p, options.seed,
+                                                    options.weight_is_kn)
+    need_dx, need_dlora, need_dbias, need_dlora_bias = need.dx, need.dlora, need.dbias, need.dlora_bias
     m, k = x.shape
     n, stride_wn, stride_wk = _weight_strides(weight, weight_is_kn)
     w_nk = weight.t() if weight_is_kn else weight
     if not gate:
         dx = dy @ w_nk if need_dx else None
         d_bias = dy.sum(0) if need_dbias else None
-        return dx, None, None, d_bias, None
+        return LoraGrads(dx, None, None, d_bias, None)
 
     r = lora_a.shape[0]
     need_ds = need_dx or need_dlora
@@ -590,4 +570,4 @@ def lora_backward(
         d_lora_b = db.to(lora_b.dtype)
     d_bias = colsum.to(dy.dtype) if need_dbias else None
     d_lora_bias = (colsum * scaling).to(lora_b.dtype) if need_dlora_bias else None
-    return dx, d_lora_a, d_lora_b, d_bias, d_lora_bias
+    return LoraGrads(dx, d_lora_a, d_lora_b, d_bias, d_lora_bias)

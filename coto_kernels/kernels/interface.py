@@ -1,0 +1,105 @@
+"""The contract every kernel backend of the gated LoRA linear layer implements, and its math (written once).
+
+Notation: X [M, K] (2-D; callers flatten leading dimensions), frozen base weight W [N, K] (``nn.Linear``) or
+[K, N] (GPT-2 ``Conv1D``, ``weight_is_kn=True``, read through its strides), adapters A [r, K] and B [N, r],
+s = scaling, g = gate, p = dropout probability, drop(X) = keep * X / (1 - p) with ``keep`` the mask defined in
+``coto_kernels.kernels.dropout_mask`` (a pure function of the seed and the element index, bit-identical in
+every backend, regenerated wherever it is needed and never stored).
+
+Forward::
+
+    S = drop(X) A^T                                  (M x r, fp32 or the adapters' dtype; saved for backward)
+    Y = X W^T + bias + g * s * (S B^T + lora_bias)
+
+Backward::
+
+    dS = s * dY B                 dB = s * dY^T S              dA = dS^T drop(X)
+    dX = dY W + g * drop'(dS A)   d_bias = sum_rows(dY)        d_lora_bias = s * sum_rows(dY)
+
+where drop'(Z) = keep * Z / (1 - p). With g = 0 a backend runs only the base GEMMs (``X W^T + bias`` and
+``dY W``): the adapter gets no gradient (None) and no LoRA kernel is launched.
+
+A backend is a module with ``lora_forward``, ``lora_backward`` and ``dropout_keep_mask`` of the signatures in
+``LoraBackend``; ``coto_kernels.kernels.load_backend`` imports one by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """The scalar options of one gated LoRA call (hashable: compiled and cached code may key on it)."""
+
+    scaling: float
+    """s: PEFT's ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA)."""
+    dropout_p: float = 0.0
+    """p: probability of dropping an element of X on the LoRA path (0 in eval mode)."""
+    seed: int = 0
+    """Seed of the dropout mask; the same seed regenerates the same mask in forward and backward."""
+    gate: bool = True
+    """g: False runs the frozen base only (CoTo switched the adapter off for this step)."""
+    weight_is_kn: bool = False
+    """True when the base weight is stored [K, N] (GPT-2 ``Conv1D``) rather than [N, K] (``nn.Linear``)."""
+
+    @property
+    def has_dropout(self) -> bool:
+        return self.dropout_p > 0.0
+
+
+@dataclass(frozen=True)
+class GradRequest:
+    """Which gradients a backward must produce (from ``ctx.needs_input_grad``); the others come back None."""
+
+    dx: bool = True
+    """dX, the input gradient."""
+    dlora: bool = True
+    """dA and dB, the adapter gradients (computed together: they share dS)."""
+    dbias: bool = False
+    """d_bias, the gradient of a trainable base bias."""
+    dlora_bias: bool = False
+    """d_lora_bias, the gradient of ``lora_B.bias`` (PEFT's ``lora_bias=True``)."""
+
+
+class LoraGrads(NamedTuple):
+    """What ``lora_backward`` returns; None where not requested or gated off."""
+
+    dx: Tensor | None
+    d_lora_a: Tensor | None
+    d_lora_b: Tensor | None
+    d_bias: Tensor | None
+    d_lora_bias: Tensor | None
+
+
+class LoraBackend(Protocol):
+    """What ``coto_kernels.functional`` needs from a kernel backend module."""
+
+    def lora_forward(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+        lora_bias: Tensor | None, *, options: LoraOptions,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(Y, S)`` for 2-D ``x``: Y in x's dtype, S as defined above, or None when the gate is off."""
+
+    def lora_backward(
+        self, dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s: Tensor | None, *,
+        options: LoraOptions, need: GradRequest,
+    ) -> LoraGrads:
+        """The gradients of the forward for 2-D ``dy`` (contiguous); ``s`` is what ``lora_forward`` returned.
+
+        dX comes in x's dtype, dA/dB in the adapters' dtypes, d_bias in dY's and d_lora_bias in lora_b's.
+        """
+
+    def dropout_keep_mask(
+        self, seed: int, shape: tuple[int, int], dropout_p: float, device: torch.device | str
+    ) -> Tensor:
+        """The keep mask (bool ``shape``) this backend regenerates for ``seed``; for tests and references."""
+
+
+def weight_nk(weight: Tensor, weight_is_kn: bool) -> Tensor:
+    """The base weight as [N, K]; a transposed view (no copy) for Conv1D's [K, N] layout."""
+    return weight.t() if weight_is_kn else weight
