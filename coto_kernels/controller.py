@@ -57,17 +57,33 @@ class CoToController:
                 )
             config = CoToConfig.build(config, seed=random_seed())
         self._config = config
-        self._layers = dict(layers)
-        self.layer_names = list(layers)
-        self.groups, group_of_layer = group_names(self.layer_names, config.granularity)
-        self._members: list[list[GatedLayer]] = [[] for _ in self.groups]
-        for layer, group in zip(layers.values(), group_of_layer):
-            self._members[group].append(layer)
-        self.group_of_layer = dict(zip(self.layer_names, (self.groups[g] for g in group_of_layer)))
+        self._index_layers(dict(layers))
         self._step = 0
         self._warned_stale_grads = False
         self.p = config.initial_p
         self.gates: list[bool] = []
+        self.redraw()
+
+    def _index_layers(self, layers: dict[str, GatedLayer]) -> None:
+        self._layers = layers
+        self.layer_names = list(layers)
+        self.groups, group_of_layer = group_names(self.layer_names, self.granularity)
+        self._members: list[list[GatedLayer]] = [[] for _ in self.groups]
+        for layer, group in zip(layers.values(), group_of_layer):
+            self._members[group].append(layer)
+        self.group_of_layer = dict(zip(self.layer_names, (self.groups[g] for g in group_of_layer)))
+
+    def add_layers(self, layers: Mapping[str, GatedLayer]) -> None:
+        """Gate layers created after ``patch`` (e.g. by ``add_adapter`` on other target modules).
+
+        The groups are recomputed over all layers, exactly as if the controller had been built with them from the
+        start (a new block becomes a new group, in block order), and the current step's gates are redrawn and
+        applied, so the new layers are gated at once.
+        """
+        known = sorted(set(layers) & set(self._layers))
+        if known:
+            raise ValueError(f"CoTo already gates the layers {known}")
+        self._index_layers({**self._layers, **layers})
         self.redraw()
 
     # -- options ---------------------------------------------------------------------------------------------

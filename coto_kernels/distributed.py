@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -173,32 +172,49 @@ def check_engine(model: Any) -> None:
             )
 
 
-def training_guard(controller: CoToController, check_gates: bool = True) -> Callable:
+class TrainingGuard:
     """Forward pre-hook for the patched model: engine and gate checks at the first training forward.
 
     Under DDP (seen through ``DistributedDataParallel._active_ddp_module``, which DDP sets around the inner
     forward) or FSDP it checks the engine options once per wrapper and, unless ``check_gates=False``
     (``patch(check_gates=False)``), the gates once: collectives-free except the one all-gather of the gate check,
     which every rank must reach in its first training forward.
-    """
-    checked: weakref.WeakSet = weakref.WeakSet()
 
-    def hook(module: nn.Module, args: tuple) -> None:
+    A class, not a closure, so a patched model pickles, and ``copy.deepcopy`` of the model gives the copy a guard
+    over the copy's controller (the controller is an attribute the deepcopy memo maps). The set of wrappers
+    already checked is per process and starts empty in a copy.
+    """
+
+    def __init__(self, controller: CoToController, check_gates: bool = True) -> None:
+        self.controller = controller
+        self.check_gates = check_gates
+        self._checked: weakref.WeakSet = weakref.WeakSet()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"controller": self.controller, "check_gates": self.check_gates}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["controller"], state["check_gates"])
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
         if not module.training or not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return
         if world_size() <= 1:
             return
         ddp = nn.parallel.DistributedDataParallel._get_active_ddp_module()
         wrapper = ddp if ddp is not None else module
-        if wrapper in checked:
+        if wrapper in self._checked:
             return
         fsdp2 = _fsdp2_class()
         if ddp is None and not (fsdp2 is not None and isinstance(module, fsdp2)):
             return  # not inside a data-parallel forward we can see
-        if ddp is not None and controller.can_skip_adapters:
+        if ddp is not None and self.controller.can_skip_adapters:
             check_ddp(ddp)
-        checked.add(wrapper)
-        if check_gates:
-            check_gates_consistent(controller)
+        self._checked.add(wrapper)
+        if self.check_gates:
+            check_gates_consistent(self.controller)
 
-    return hook
+
+def training_guard(controller: CoToController, check_gates: bool = True) -> TrainingGuard:
+    """The ``TrainingGuard`` hook ``patch`` registers on the model."""
+    return TrainingGuard(controller, check_gates)
