@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import tiny_peft_model
+from helpers import tiny_peft_model
 
 import coto_kernels
 from coto_kernels import CoToConfig, activation_probability

@@ -314,7 +314,7 @@ def test_override_context_restores_the_previous_override():
 
 @pytest.mark.parametrize("whole_groups", [True, False])
 def test_tools_pruned_restores_a_set_override(whole_groups):
-    from conftest import tiny_peft_model
+    from helpers import tiny_peft_model
 
     from coto_kernels import patch
     from coto_kernels.tools import pruned
@@ -346,7 +346,7 @@ def test_add_layers_regroups_as_if_built_with_all_layers():
 
 def _adamw_over_two_steps(set_to_none: bool, attach: bool):
     """Block 0 trains at step 1, only block 1 at step 2; returns (warnings of step 2, did block 0 move at step 2)."""
-    from conftest import batch_for, tiny_peft_model
+    from helpers import batch_for, tiny_peft_model
 
     from coto_kernels import patch
 
@@ -356,7 +356,7 @@ def _adamw_over_two_steps(set_to_none: bool, attach: bool):
     if attach:
         controller.attach_optimizer(optimizer)
     block0 = {n: p for n, p in model.named_parameters() if ".layers.0." in n and "lora_" in n}
-    for step, gates in enumerate(([True, False], [False, True])):
+    for gates in ([True, False], [False, True]):
         controller.set_override(gates)
         before = {n: p.detach().clone() for n, p in block0.items()}
         model(**batch_for("llama")).loss.backward()

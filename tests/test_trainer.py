@@ -6,8 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import _TARGETS as TARGETS
-from conftest import tiny_model, tiny_peft_model
+from helpers import tiny_model, tiny_peft_model
 from transformers import Trainer, TrainingArguments
 
 import coto_kernels
@@ -160,6 +159,9 @@ def test_callback_options_are_checked_at_construction_and_never_ignored(tmp_path
     assert callback.controller is controller
 
 
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def _offline_tokenizer():
     """A word-level tokenizer over the tiny models' 97 ids, built without any download."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -180,7 +182,7 @@ def test_trl_sft_trainer_with_peft_config_gets_coto_from_one_callback(tmp_path):
 
     generator = torch.Generator().manual_seed(0)
     texts = [" ".join(f"w{int(i)}" for i in torch.randint(3, 97, (12,), generator=generator)) for _ in range(16)]
-    lora = LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=TARGETS["llama"])
+    lora = LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=LLAMA_PROJECTIONS)
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-3,
                          report_to=[], logging_steps=100, save_strategy="no", use_cpu=True, dataloader_num_workers=0,
                          disable_tqdm=True, max_length=16)
