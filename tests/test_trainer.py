@@ -109,6 +109,23 @@ def test_resume_from_checkpoint_continues_the_same_schedule(tmp_path):
     assert [(step, gates) for training, step, gates, _ in resumed_log if training] == uninterrupted
 
 
+def test_resume_with_a_new_max_steps_re_ramps_p_against_the_new_total(tmp_path):
+    model = tiny_peft_model("llama", num_layers=4)
+    controller = coto_kernels.patch(model, seed=2)
+    _train(tmp_path, model, controller, save_strategy="steps", save_steps=3, max_steps=6).train()
+    resumed = tiny_peft_model("llama", num_layers=4)
+    resumed_controller = coto_kernels.patch(resumed, seed=9)
+    log = _record_forwards(resumed, resumed_controller)
+    trainer = _train(tmp_path, resumed, resumed_controller, save_strategy="no", max_steps=12)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    steps = sorted({step for training, step, _, _ in log if training})
+    assert steps == list(range(3, 12)) and resumed_controller.total_steps == 12
+    for training, step, gates, _ in log:
+        if training:  # the saved seed, continued from step 3, with p on the 12-step ramp
+            assert list(gates) == draw_gates(4, coto_kernels.activation_probability(step, 12), seed=2, step=step)
+    assert coto_kernels.activation_probability(4, 12) != coto_kernels.activation_probability(4, 6)
+
+
 @pytest.mark.parametrize("restore", [True, False])
 def test_restore_callback_states_option_keeps_working(tmp_path, restore):
     model = tiny_peft_model("llama", num_layers=2)
