@@ -115,6 +115,10 @@ def test_controller_takes_a_config_or_keywords():
     assert a.config == b.config and a.gates == b.gates
     assert (a.initial_p, a.final_p, a.stage1_ratio, a.schedule, a.granularity, a.seed, a.total_steps) == (
         0.1, 1.0, 0.75, "linear", "module", 2, 8)
+    with pytest.raises(AttributeError, match="read-only"):
+        a.initial_p = 0.5  # would otherwise shadow the config silently
+    with pytest.raises(ValueError, match="total_steps"):
+        a.total_steps = 0  # settable, and validated
 
 
 def test_state_dict_keeps_the_0_1_0_keys():
