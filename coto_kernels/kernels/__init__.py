@@ -4,6 +4,9 @@
 - ``lora_triton``: fused Triton kernels; needs Triton and CUDA tensors (or the CPU interpreter with
   ``TRITON_INTERPRET=1`` set before Triton is first imported).
 
+DoRA kernel modules (``dora_<name>``, contract ``interface.DoraBackend``): ``dora_torch`` only so far; every
+backend name runs it (its GEMMs are cuBLAS / MKL through PyTorch). ``load_dora_backend(name)`` imports it.
+
 ``dropout_mask`` defines the dropout mask all of them regenerate. ``load_backend(name)`` imports a backend
 module; ``backend_status()`` tells which are usable here and why one is not.
 """
@@ -48,3 +51,15 @@ def load_backend(name: str) -> ModuleType:
     if module is None:
         raise RuntimeError(f"coto_kernels backend {name!r} is not available here ({why}); use backend='torch'")
     return module
+
+
+#: Backends with their own DoRA kernel module; the others use the first of these.
+DORA_KERNEL_BACKENDS = ("torch",)
+
+
+def load_dora_backend(name: str) -> ModuleType:
+    """The DoRA kernel module for backend ``name`` (``interface.DoraBackend``); ``dora_torch`` until others exist."""
+    if name not in KERNEL_BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {KERNEL_BACKENDS}")
+    chosen = name if name in DORA_KERNEL_BACKENDS else DORA_KERNEL_BACKENDS[0]
+    return importlib.import_module(f"{__name__}.dora_{chosen}")
