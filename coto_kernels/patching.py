@@ -301,7 +301,8 @@ def patch(
             callable ``fn(step, total_steps) -> p``.
         granularity: ``"layer"`` (one gate per transformer block) or ``"module"`` (one per adapted module).
         seed: seed of the gate sampler (default: drawn from torch's default generator).
-        backend: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (Triton on CUDA tensors, the native kernels on the CPU when built, PyTorch otherwise),
+            ``"torch"``, ``"triton"`` or ``"native"``.
 
     Returns:
         The ``CoToController``; also stored as ``model.coto_controller``.
