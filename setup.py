@@ -63,6 +63,10 @@ def _skip(command: build_ext, required: bool | None, ext: Extension, reason: str
         _warn(f"{ext.name} not built; the package falls back to its torch/Triton backends.\n{reason}")
 
 
+def _nvcc_found(cuda_home: str | None) -> bool:
+    return bool(cuda_home) and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+
+
 def _required(ext: Extension) -> bool | None:
     return _switch("COTO_BUILD_NATIVE" if ext.name == CPU_EXT else "COTO_BUILD_CUDA")
 
@@ -93,7 +97,7 @@ def _build_command() -> type[build_ext]:
                     _skip(self, required, ext, "skipped: COTO_BUILD_NATIVE/COTO_BUILD_CUDA=0", warn=False)
                 elif ext.name == CUDA_EXT and torch.version.cuda is None:
                     _skip(self, required, ext, f"torch {torch.__version__} has no CUDA", warn=bool(required))
-                elif ext.name == CUDA_EXT and not (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))):
+                elif ext.name == CUDA_EXT and not _nvcc_found(CUDA_HOME):
                     _skip(self, required, ext, "nvcc not found (set CUDA_HOME)", warn=bool(required))
                 else:
                     buildable.append(ext)

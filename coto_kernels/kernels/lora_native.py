@@ -29,7 +29,8 @@ from .interface import GradRequest, LoraGrads, LoraOptions, weight_nk
 __all__ = ["CUDA_STATUS", "dropout_keep_mask", "lora_backward", "lora_forward"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
-_BUILD_HINT = "build it with `make setup`, `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`"
+_BUILD_HINT = ("build it with `make setup`, `pip install --no-build-isolation -e .` or "
+               "`python setup.py build_ext --inplace`")
 
 
 def _library(stem: str) -> Path | None:
