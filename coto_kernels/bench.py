@@ -6,7 +6,9 @@ drift on a noisy machine hits them all alike, and every ratio comes from this on
 
 Modes: ``vanilla`` (PEFT as is), ``coto-p1`` (patched, every adapter on: the fused kernels alone),
 ``coto-p0.5`` and ``coto-p0.1`` (constant p), ``coto-schedule`` (the full CoTo schedule, p rising from 0.1 to
-1 over the first 75% of this mode's steps, so its mean covers a whole run).
+1 over the first 75% of this mode's steps, so its mean covers a whole run), ``floor`` (the frozen-base limit: the
+same PEFT model with its adapters disabled and input gradients on, so the frozen-base forward and the dX backward
+run through every block and no LoRA math at all; every mode is also reported as a multiple of it).
 
     python -m coto_kernels.bench                     # default preset "small": 1-3 minutes on 2 CPU cores
     python -m coto_kernels.bench --preset medium --device cuda
@@ -24,11 +26,13 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from .functional import BACKENDS
 
 PRESETS: dict[str, dict[str, int]] = {
     # name: hidden, intermediate, layers, heads, vocab, seq, batch, rounds, steps per round
@@ -39,7 +43,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "large": dict(hidden=2048, intermediate=5632, layers=16, heads=16, vocab=32000, seq=1024, batch=8, rounds=5,
                   steps=10),
 }
-MODES = ("vanilla", "coto-p1", "coto-p0.5", "coto-p0.1", "coto-schedule")
+MODES = ("vanilla", "coto-p1", "coto-p0.5", "coto-p0.1", "coto-schedule", "floor")
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -50,6 +54,8 @@ class ModeResult:
     mean_step_s: float
     tokens_per_s: float
     throughput_vs_vanilla: float
+    step_vs_floor: float
+    """Mean step time / the floor mode's (1.0 = no cost over the frozen base; nan without a floor run)."""
     mean_active_fraction: float
     memory_mb: float
 
@@ -93,7 +99,9 @@ class Runner:
         self.model = copy.deepcopy(base)
         self.model.train()
         self.controller = None
-        if mode != "vanilla":
+        if mode == "floor":
+            self.model.enable_input_require_grads()  # dX through every block, as under gradient checkpointing
+        elif mode != "vanilla":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.controller = coto_kernels.patch(self.model, seed=seed, backend=backend,
@@ -104,7 +112,8 @@ class Runner:
         self.active: list[float] = []
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
-        loss = self.model(**batch).loss
+        with self.model.disable_adapter() if self.mode == "floor" else nullcontext():
+            loss = self.model(**batch).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -112,7 +121,7 @@ class Runner:
             self.active.append(sum(self.controller.gates) / len(self.controller.gates))
             self.controller.step()
         else:
-            self.active.append(1.0)
+            self.active.append(0.0 if self.mode == "floor" else 1.0)
 
 
 def _sync(device: torch.device) -> None:
@@ -230,6 +239,7 @@ def run(
     memory = {r.mode: measure_memory(r, make_batch(), dev) for r in runners}
     tokens = preset["batch"] * preset["seq"]
     vanilla_mean = next((statistics.fmean(r.step_times) for r in runners if r.mode == "vanilla"), None)
+    floor_mean = next((statistics.fmean(r.step_times) for r in runners if r.mode == "floor"), None)
     results = [
         ModeResult(
             mode=r.mode,
@@ -237,6 +247,7 @@ def run(
             mean_step_s=statistics.fmean(r.step_times),
             tokens_per_s=tokens / statistics.fmean(r.step_times),
             throughput_vs_vanilla=(vanilla_mean / statistics.fmean(r.step_times)) if vanilla_mean else float("nan"),
+            step_vs_floor=(statistics.fmean(r.step_times) / floor_mean) if floor_mean else float("nan"),
             mean_active_fraction=statistics.fmean(r.active),
             memory_mb=memory[r.mode],
         )
@@ -282,14 +293,15 @@ def to_markdown(report: dict) -> str:
         f"{cfg['dtype']}; LoRA r={cfg['rank']}, dropout {cfg['lora_dropout']} on all 7 projections; "
         f"{cfg['rounds']} interleaved rounds x {cfg['steps']} steps per mode; AdamW.",
         "",
-        f"| mode | median step (s) | mean step (s) | tokens/s | throughput vs vanilla | mean active fraction | "
-        f"{report['memory_metric']} (MB) |",
-        "|---|---|---|---|---|---|---|",
+        f"| mode | median step (s) | mean step (s) | tokens/s | throughput vs vanilla | step / floor | "
+        f"mean active fraction | {report['memory_metric']} (MB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         lines.append(
             f"| {r['mode']} | {r['median_step_s']:.3f} | {r['mean_step_s']:.3f} | {r['tokens_per_s']:.0f} | "
-            f"{r['throughput_vs_vanilla']:.2f}x | {r['mean_active_fraction']:.2f} | {r['memory_mb']:.0f} |"
+            f"{r['throughput_vs_vanilla']:.2f}x | {r.get('step_vs_floor', float('nan')):.2f} | "
+            f"{r['mean_active_fraction']:.2f} | {r['memory_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -331,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--steps", type=int, help="timed steps per mode per round")
-    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--backend", default="auto", choices=list(BACKENDS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args(argv)

@@ -3,6 +3,9 @@
 - ``lora_torch``: PyTorch ops; runs everywhere.
 - ``lora_triton``: fused Triton kernels; needs Triton and CUDA tensors (or the CPU interpreter with
   ``TRITON_INTERPRET=1`` set before Triton is first imported).
+- ``lora_native``: BLAS for the dense GEMMs plus compiled C++/CUDA ops from ``csrc/`` for the skinny,
+  dropout-fused parts; needs the extension built by ``setup.py`` (``python -m coto_kernels.kernels`` says
+  whether it is, and why not).
 
 DoRA kernel modules (``dora_<name>``, contract ``interface.DoraBackend``): ``dora_torch`` only so far; every
 backend name runs it (its GEMMs are cuBLAS / MKL through PyTorch). ``load_dora_backend(name)`` imports it.
@@ -16,8 +19,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-#: Concrete backends, in the order ``auto`` prefers them where their device fits.
-KERNEL_BACKENDS = ("torch", "triton")
+#: Concrete backends (``auto``'s choice among them: ``coto_kernels.functional.resolve_backend``).
+KERNEL_BACKENDS = ("torch", "triton", "native")
 
 # name -> (module or None, why not). A plain dict rather than functools.cache: load_backend runs inside traced
 # forwards, and Dynamo reads a dict without a graph break.
@@ -36,6 +39,12 @@ def _import(name: str) -> tuple[ModuleType | None, str | None]:
 def backend_status() -> dict[str, str | None]:
     """For each concrete backend: None when it can be used here, else why not."""
     return {name: _import(name)[1] for name in KERNEL_BACKENDS}
+
+
+def native_cuda_status() -> str | None:
+    """None when the native backend's CUDA kernels are built and loaded, else why not."""
+    module, why = _import("native")
+    return why if module is None else module.CUDA_STATUS
 
 
 def backend_available(name: str) -> bool:
