@@ -11,6 +11,7 @@ same PEFT model with its adapters disabled and input gradients on, so the frozen
 run through every block and no LoRA math at all; every mode is also reported as a multiple of it).
 
     python -m coto_kernels.bench                     # default preset "small": 1-3 minutes on 2 CPU cores
+    python -m coto_kernels.bench --dora              # the same with PEFT DoRA adapters (use_dora=True)
     python -m coto_kernels.bench --preset medium --device cuda
 """
 
@@ -72,11 +73,11 @@ def build_model(preset: dict[str, int], device: torch.device, dtype: torch.dtype
     return AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype)
 
 
-def add_lora(model: torch.nn.Module, rank: int, dropout: float) -> torch.nn.Module:
+def add_lora(model: torch.nn.Module, rank: int, dropout: float, dora: bool = False) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=TARGET_MODULES,
-                        task_type="CAUSAL_LM")
+                        task_type="CAUSAL_LM", use_dora=dora)
     return get_peft_model(model, config)
 
 
@@ -197,6 +198,7 @@ def run(
     warmup: int = 1,
     backend: str = "auto",
     seed: int = 0,
+    dora: bool = False,
 ) -> dict:
     """Run the benchmark and return the report (a JSON-serialisable dict)."""
     preset = dict(PRESETS[preset_name])
@@ -208,7 +210,7 @@ def run(
                    "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        base = add_lora(build_model(preset, dev, torch_dtype, seed), rank, lora_dropout)
+        base = add_lora(build_model(preset, dev, torch_dtype, seed), rank, lora_dropout, dora)
     total_steps = rounds * steps
     runners = [Runner(mode, base, total_steps, backend, seed) for mode in modes]
     del base
@@ -260,7 +262,7 @@ def run(
         "memory_metric": "peak CUDA memory per step" if dev.type == "cuda" else "bytes saved for backward",
         "versions": _versions(),
         "preset": preset_name,
-        "config": {**preset, "rounds": rounds, "steps": steps, "rank": rank, "lora_dropout": lora_dropout,
+        "config": {**preset, "rounds": rounds, "steps": steps, "rank": rank, "lora_dropout": lora_dropout, "dora": dora,
                    "dtype": str(torch_dtype), "backend": backend, "targets": TARGET_MODULES},
         "results": [asdict(r) for r in results],
         "step_times": {r.mode: r.step_times for r in runners},
@@ -290,7 +292,8 @@ def to_markdown(report: dict) -> str:
         f"{report['date']} on {report['device']}; " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         "",
         f"Llama-style model: hidden {cfg['hidden']}, {cfg['layers']} layers, seq {cfg['seq']}, batch {cfg['batch']}, "
-        f"{cfg['dtype']}; LoRA r={cfg['rank']}, dropout {cfg['lora_dropout']} on all 7 projections; "
+        f"{cfg['dtype']}; {'DoRA' if cfg.get('dora') else 'LoRA'} r={cfg['rank']}, dropout {cfg['lora_dropout']} "
+        f"on all 7 projections; "
         f"{cfg['rounds']} interleaved rounds x {cfg['steps']} steps per mode; AdamW.",
         "",
         f"| mode | median step (s) | mean step (s) | tokens/s | throughput vs vanilla | step / floor | "
@@ -309,7 +312,8 @@ def to_markdown(report: dict) -> str:
 def write_report(report: dict, out_dir: Path) -> list[Path]:
     """Write JSON, Markdown and (with matplotlib) a PNG; return the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-{report['preset']}-{report['date'].replace(':', '').replace('+0000', 'Z')}"
+    kind = "-dora" if report["config"].get("dora") else ""
+    stem = f"bench-{report['preset']}{kind}-{report['date'].replace(':', '').replace('+0000', 'Z')}"
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
     paths[0].write_text(json.dumps(report, indent=2))
     paths[1].write_text(to_markdown(report))
@@ -345,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="timed steps per mode per round")
     parser.add_argument("--backend", default="auto", choices=list(BACKENDS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dora", action="store_true", help="DoRA adapters (PEFT use_dora=True) instead of LoRA")
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)
@@ -353,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown modes {sorted(unknown)}")
     report = run(args.preset, modes=modes, device=args.device, dtype=args.dtype, rank=args.rank,
                  lora_dropout=args.lora_dropout, rounds=args.rounds, steps=args.steps, backend=args.backend,
-                 seed=args.seed)
+                 seed=args.seed, dora=args.dora)
     print(to_markdown(report))
     for path in write_report(report, args.out):
         print(f"wrote {path}")
