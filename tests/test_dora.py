@@ -65,6 +65,15 @@ def test_forward_and_every_gradient_match_float64_peft_formula(dtype, dropout_p,
     check_against_peft_math(t, dtype, scaling=1.7, dropout_p=dropout_p, kn=kn)
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_bf16_base_with_fp32_adapters(dropout_p):
+    """PEFT's default for a bf16 model: adapters and magnitude kept in fp32 over the bf16 base layer."""
+    t = _inputs(37, 45, 29, 3, torch.bfloat16, lora_bias=True)
+    for name in ("lora_a", "lora_b", "lora_bias"):
+        t[name] = t[name].detach().float().requires_grad_()
+    check_against_peft_math(t, torch.bfloat16, scaling=1.7, dropout_p=dropout_p)
+
+
 def test_tolerance_catches_an_undetached_or_wrong_norm():
     """Wrong DoRA math (norm missing the update, magnitude ignored) moves y far beyond the bf16 tolerance."""
     t = _inputs(37, 45, 29, 3, torch.float32)
