@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import coto_kernels
 from coto_kernels import functional
-from coto_kernels.patching import CoToLayerMixin, CoToLinear
+from coto_kernels.layers import CoToLayerMixin, CoToLinear
 
 
 def lora_grads(model):
