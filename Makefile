@@ -37,9 +37,9 @@ bench: $(STAMP)
 bench-pytest: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only
 
-# What gradient checkpointing costs and saves with CoTo (bench/checkpointing.py); BENCH_ARGS="--preset medium".
+# What gradient checkpointing costs and saves with CoTo (bench/bench_checkpointing.py); BENCH_ARGS="--preset medium".
 bench-checkpointing: $(STAMP)
-	$(PY) -m bench.checkpointing --out results $(BENCH_ARGS)
+	$(PY) -m bench.bench_checkpointing --out results $(BENCH_ARGS)
 
 gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py

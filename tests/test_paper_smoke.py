@@ -59,7 +59,7 @@ def test_importing_the_library_or_the_experiment_changes_no_environment_variable
         "import coto_kernels\n"
         "for info in pkgutil.walk_packages(coto_kernels.__path__, 'coto_kernels.'):\n"
         "    importlib.import_module(info.name)\n"
-        "import bench.checkpointing, bench.paper_experiment\n"
+        "import bench.bench_checkpointing, bench.paper_experiment\n"
         "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}\n"
         "print(sorted(changed))\n"
     )

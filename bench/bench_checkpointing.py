@@ -11,8 +11,8 @@ reports:
   (which reentrant checkpointing needs, and which ``patch`` replaces by per-block hooks) would do: every block
   back in the graph.
 
-    OMP_NUM_THREADS=1 python -m bench.checkpointing  # preset "small": ~1 min on a shared CPU core
-    python -m bench.checkpointing --preset medium --device cuda --out results
+    OMP_NUM_THREADS=1 python -m bench.bench_checkpointing  # preset "small": ~1 min on a shared CPU core
+    python -m bench.bench_checkpointing --preset medium --device cuda --out results
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def write_files(args: argparse.Namespace, rows: list[Row], table: str) -> list[P
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.checkpointing", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_checkpointing", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
