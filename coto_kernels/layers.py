@@ -85,6 +85,12 @@ class CoToLayerMixin:
     coto_override: bool | None = None
     coto_name: str = ""
 
+    def __reduce_ex__(self, protocol: int):
+        # Pickle (torch.save, deepcopy) by the PEFT class, which is importable by name; the gated classes are
+        # made at run time (``gated_class``) and found again from it on load.
+        _, _, *state = super().__reduce_ex__(max(protocol, 2))
+        return (_new_gated, (ungated_class(type(self)),), *state)
+
     @property
     def coto_gate(self) -> bool:
         """The gate as a Python bool (eager mode); mirrored in place into ``coto_gate_tensor`` for compiled graphs."""
@@ -174,12 +180,23 @@ class CoToLinear(CoToLayerMixin, LoraLinear):
         return gated_lora_linear(x, *operands, gate=self.coto_gate_tensor, **options)
 
 
+# The gated classes carry PEFT's class name (``__name__``), so ``repr`` prints ``lora.Linear(``, PEFT's messages name
+# PEFT's class, and PEFT's own checks by class name (``ParamWrapper`` for ``target_parameters``) still hold.
+# ``__qualname__`` keeps the ``CoTo`` prefix, so ``type(layer)`` still shows that the layer is patched.
+CoToLinear.__name__ = LoraLinear.__name__
+
+
 @functools.cache
 def gated_class(cls: type) -> type:
     """The gated subclass ``patch`` swaps in for the PEFT LoRA layer class ``cls``."""
     if cls is LoraLinear:
         return CoToLinear
-    return type(f"CoTo{cls.__name__}", (CoToLayerMixin, cls), {"__module__": __name__})
+    return type(cls.__name__, (CoToLayerMixin, cls), {"__module__": __name__, "__qualname__": f"CoTo{cls.__name__}"})
+
+
+def _new_gated(peft_class: type) -> nn.Module:
+    """Unpickling: an empty instance of the gated class of ``peft_class`` (``__setstate__`` fills it)."""
+    return object.__new__(gated_class(peft_class))
 
 
 def ungated_class(cls: type) -> type:
