@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import batch_for, tiny_model, tiny_peft_model
+from helpers import batch_for, tiny_model, tiny_peft_model
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import coto_kernels
