@@ -29,6 +29,7 @@ from torch import nn
 
 import coto_kernels
 from coto_kernels import distributed as coto_dist
+from coto_kernels.callbacks import check_trainer_args
 
 WORLD = 2
 STEPS = 6
@@ -315,18 +316,18 @@ def test_trainer_args_that_break_coto_fail_at_construction(monkeypatch):
     args = SimpleNamespace(world_size=2, deepspeed=None, ddp_static_graph=None, ddp_find_unused_parameters=False,
                            fsdp=None)
     with pytest.raises(RuntimeError, match="ddp_find_unused_parameters=True"):
-        coto_dist.check_trainer_args(args, model, controller)
+        check_trainer_args(args, model, controller)
     args.ddp_find_unused_parameters = None  # the Trainer's default for a PeftModel is True
-    coto_dist.check_trainer_args(args, model, controller)
+    check_trainer_args(args, model, controller)
     args.ddp_static_graph = True
     with pytest.raises(RuntimeError, match="ddp_static_graph"):
-        coto_dist.check_trainer_args(args, model, controller)
+        check_trainer_args(args, model, controller)
     args.ddp_static_graph, args.deepspeed = None, "ds_config.json"
     with pytest.raises(RuntimeError, match="DeepSpeed"):
-        coto_dist.check_trainer_args(args, model, controller)
+        check_trainer_args(args, model, controller)
     args.deepspeed, args.world_size, args.ddp_find_unused_parameters = None, 1, False
     monkeypatch.setenv("WORLD_SIZE", "1")
-    coto_dist.check_trainer_args(args, model, controller)  # one process: DDP is not used
+    check_trainer_args(args, model, controller)  # one process: DDP is not used
 
 
 def test_clear_inactive_grads_leaves_adamw_off_the_skipped_adapters():
