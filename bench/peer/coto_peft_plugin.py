@@ -59,9 +59,10 @@ def _note_gated_off_forward(layer, args) -> None:
 
 
 def _patch(model) -> None:
+    from peft.tuners.lora import LoraLayer
+
     import coto_kernels
     from coto_kernels.layers import CoToLayerMixin
-    from peft.tuners.lora import LoraLayer
 
     modules = list(model.modules())
     if any(isinstance(m, CoToLayerMixin) for m in modules) or not any(
