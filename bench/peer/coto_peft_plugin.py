@@ -13,6 +13,8 @@ Loaded with ``-p coto_peft_plugin`` (this folder on ``PYTHONPATH``). ``COTO_PEER
 ``__init__`` returns (``get_peft_model``, ``PeftModel.from_pretrained``, direct construction), and the model
 ``inject_adapter_in_model`` returns. Models without LoRA layers are left alone.
 
+``COTO_PEER_SELECT`` (JSON ``{test file: regex or null}``) deselects every other test.
+
 ``COTO_PEER_OUT`` names a JSON lines file; one line per test: ``nodeid``, ``outcome`` (passed / failed /
 skipped), ``error`` (exception type), ``message`` (first line), ``gated_off`` (a training forward ran with an
 adapter off). Tests that need the Hugging Face Hub (offline here) are turned into skips with that reason.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import threading
 import warnings
 
@@ -52,10 +55,16 @@ def _set_depth(value: int) -> None:
     _state.depth = value
 
 
-def _note_gated_off_forward(layer, args) -> None:
-    """Forward pre-hook on every patched LoRA layer: remember a training forward with the adapter off."""
-    if layer.training and not layer.coto_is_on():
-        _test_flags["gated_off"] = True
+def _noting_gated_off(base_only):
+    """Wrap the gated-off path of the patched layers: remember a training forward with an adapter off."""
+
+    @functools.wraps(base_only)
+    def wrapper(layer, *args, **kwargs):
+        if layer.training:
+            _test_flags["gated_off"] = True
+        return base_only(layer, *args, **kwargs)
+
+    return wrapper
 
 
 def _patch(model) -> None:
@@ -73,9 +82,6 @@ def _patch(model) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the patch-time notice about unfused layers is not the test's business
         coto_kernels.patch(model, seed=0, **options)
-    for m in model.modules():
-        if isinstance(m, CoToLayerMixin):
-            m.register_forward_pre_hook(_note_gated_off_forward)
 
 
 def _patch_outermost(fn):
@@ -111,6 +117,9 @@ def _install() -> None:
         init = cls.__dict__.get("__init__")
         if init is not None and not getattr(init, "__coto_wrapped__", False):
             cls.__init__ = _patch_outermost(init)
+    from coto_kernels.layers import CoToLayerMixin
+
+    CoToLayerMixin._base_only = _noting_gated_off(CoToLayerMixin._base_only)
     inject = _patch_outermost(peft.mapping.inject_adapter_in_model)
     peft.mapping.inject_adapter_in_model = inject
     peft.inject_adapter_in_model = inject
@@ -122,7 +131,21 @@ def pytest_configure(config):
         _install()
 
 
+def selected(nodeid: str, selection: dict[str, str | None]) -> bool:
+    """Whether ``nodeid`` is in ``selection`` ({test file: regex on the test id, or None for every test})."""
+    path = nodeid.split("::", 1)[0]
+    if path not in selection:
+        return False
+    pattern = selection[path]
+    return pattern is None or re.search(pattern, nodeid) is not None
+
+
 def pytest_collection_modifyitems(config, items):
+    selection = json.loads(os.environ.get("COTO_PEER_SELECT", "null"))
+    if selection is not None:
+        dropped = [item for item in items if not selected(item.nodeid, selection)]
+        items[:] = [item for item in items if selected(item.nodeid, selection)]
+        config.hook.pytest_deselected(items=dropped)
     skip = pytest.mark.skip(reason="PEFT's regression suite (compares against artifacts on the Hub)")
     for item in items:
         if "regression" in item.keywords:
