@@ -28,6 +28,19 @@ class GatedLayer(Protocol):
     coto_override: bool | None
 
 
+class _ConfigField:
+    """A read-only attribute of the controller that reads the field of the same name of its ``CoToConfig``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, controller: CoToController | None, owner: type | None = None) -> Any:
+        return self if controller is None else getattr(controller.config, self.name)
+
+    def __set__(self, controller: CoToController, value: Any) -> None:  # never shadowed by an instance attribute
+        raise AttributeError(f"CoToController.{self.name} is read-only: it comes from the CoToConfig given to patch")
+
+
 class CoToController:
     """Schedule + gate sampler for a patched model; returned by ``coto_kernels.patch``.
 
@@ -102,30 +115,13 @@ class CoToController:
     def total_steps(self, value: int | None) -> None:
         self._config = CoToConfig.build(self._config, total_steps=value)
 
-    @property
-    def initial_p(self) -> float:
-        return self._config.initial_p
-
-    @property
-    def final_p(self) -> float:
-        return self._config.final_p
-
-    @property
-    def stage1_ratio(self) -> float:
-        return self._config.stage1_ratio
-
-    @property
-    def schedule(self) -> Schedule:
-        return self._config.schedule
-
-    @property
-    def granularity(self) -> str:
-        return self._config.granularity
-
-    @property
-    def seed(self) -> int:
-        """Seed of the gate sampler: the gates of step k are ``draw_gates(len(groups), p(k), seed, k)``."""
-        return self._config.seed
+    # Read-only views of the config's fields (CoToConfig documents each); the seed is the resolved one.
+    initial_p: float = _ConfigField()
+    final_p: float = _ConfigField()
+    stage1_ratio: float = _ConfigField()
+    schedule: Schedule = _ConfigField()
+    granularity: str = _ConfigField()
+    seed: int = _ConfigField()
 
     @property
     def can_skip_adapters(self) -> bool:
