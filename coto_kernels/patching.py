@@ -85,7 +85,7 @@ def _inject_and_gate(model: nn.Module, tuner: BaseTuner, backend: str, *args: An
         if backend == "triton":
             _check_triton_device(new)
         _gate_layers(model, new, backend)
-        controller.add_layers(new)
+        controller.set_layers(_lora_layers(model))  # a wrapped gated layer may have moved (mixed models)
         release_input_grads(model)  # the new layers may sit in blocks of other kinds: take over afresh
         take_over_input_grads(model, _lora_layers(model))
     return result
@@ -155,7 +155,8 @@ def patch(
     if backend == "triton" and not triton_available():
         raise RuntimeError("backend='triton' needs the triton package; install it or use backend='torch'")
     if CONTROLLER_KEY in model.__dict__ or any(isinstance(m, CoToLayerMixin) for m in model.modules()):
-        raise RuntimeError("this model is already patched by coto_kernels; call coto_kernels.unpatch(model) first")
+        raise RuntimeError(f"this {type(model).__name__} is already patched by coto_kernels (or holds patched "
+                           "layers); call coto_kernels.unpatch(model) first")
     layers = _lora_layers(model)
     if not layers:
         raise ValueError(

@@ -117,6 +117,8 @@ def test_lora_under_an_adalora_layer_of_a_mixed_model():
     patched = build()
     patch_quietly(patched, schedule="off", seed=0)
     finish(patched)
+    # the AdaLoRA layer took the name lin0; the gated LoRA layer it wraps moved to lin0.base_layer
+    assert sorted(patched.coto_controller.layer_names) == ["base_model.model.lin0", "base_model.model.lin0.base_layer"]
     outputs = []
     for model in (vanilla, patched):
         out = model(x)

@@ -69,11 +69,14 @@ def merge_adapters(
     if len(w) != len(items):
         raise ValueError(f"{len(items)} adapters but {len(w)} weights")
     first = items[0]
-    for other in items[1:]:
+    for i, other in enumerate(items[1:], start=1):
         if other.modules != first.modules:
-            raise ValueError("the adapters adapt different modules; merge adapters of the same model and targets")
+            differ = sorted(set(other.modules) ^ set(first.modules))[:3] or ["(same modules, other order)"]
+            raise ValueError(f"adapters 0 and {i} adapt different modules, e.g. {differ}; merge adapters of the "
+                             "same model and targets")
         if set(other.extra) != set(first.extra):
-            raise ValueError("the adapters save different extra modules (modules_to_save)")
+            raise ValueError(f"adapters 0 and {i} save different extra entries (modules_to_save): "
+                             f"{sorted(set(other.extra) ^ set(first.extra))[:3]}")
 
     A, B, scaling = {}, {}, {}
     for m in first.modules:
