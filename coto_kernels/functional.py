@@ -55,7 +55,12 @@ def autocast_operands(
 
 
 class GatedLoRAFunction(torch.autograd.Function):
-    """Fused base GEMM + low-rank update + gate; see the module docstring for what is saved."""
+    """Fused base GEMM + low-rank update + gate on 2-D ``x``; see the module docstring for what is saved.
+
+    Inputs and output are 2-D: the caller reshapes outside the Function. A view returned from inside a custom
+    Function cannot be modified in place (autograd refuses, as it would bypass the custom backward), and
+    PEFT's layers and AdaLoRA add onto a layer's output in place (``result += ...``).
+    """
 
     @staticmethod
     def forward(
@@ -73,29 +78,25 @@ class GatedLoRAFunction(torch.autograd.Function):
         weight_is_kn: bool,
         backend: str,
     ) -> Tensor:
-        x2d = x.reshape(-1, x.shape[-1])
         options = LoraOptions(scaling=scaling, dropout_p=dropout_p, seed=seed, gate=gate, weight_is_kn=weight_is_kn)
-        y, s = load_backend(backend).lora_forward(x2d, weight, bias, lora_a, lora_b, lora_bias, options=options)
+        y, s = load_backend(backend).lora_forward(x, weight, bias, lora_a, lora_b, lora_bias, options=options)
         ctx.save_for_backward(x, weight, lora_a, lora_b, s)
         ctx.options = options
         ctx.backend = backend
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, weight, lora_a, lora_b, s = ctx.saved_tensors
+        x2d, weight, lora_a, lora_b, s = ctx.saved_tensors
         options: LoraOptions = ctx.options
         need_x, need_weight, need_bias, need_a, need_b, need_lora_bias = ctx.needs_input_grad[:6]
-        x2d = x.reshape(-1, x.shape[-1])
-        dy2d = dy.reshape(-1, dy.shape[-1])
-        if not dy2d.is_contiguous():
-            dy2d = dy2d.contiguous()
+        dy2d = dy if dy.is_contiguous() else dy.contiguous()
         need = GradRequest(dx=need_x, dlora=need_a or need_b, dbias=need_bias, dlora_bias=need_lora_bias)
         grads = load_backend(ctx.backend).lora_backward(dy2d, x2d, weight, lora_a, lora_b, s, options=options,
                                                         need=need)
         d_weight = base_weight_grad(x2d, dy2d, options.weight_is_kn) if need_weight else None
         return (
-            grads.dx.view(x.shape) if grads.dx is not None else None,
+            grads.dx,
             d_weight,
             grads.d_bias,
             grads.d_lora_a if need_a else None,
@@ -141,7 +142,8 @@ def lora_linear(
     if seed is None:
         seed = new_dropout_seed() if dropout_p > 0.0 and gate else 0
     backend = resolve_backend(backend, x.device)
-    return GatedLoRAFunction.apply(
-        x, weight, bias, lora_a, lora_b, lora_bias, float(scaling), float(dropout_p), seed, bool(gate),
-        weight_is_kn, backend,
+    y2d = GatedLoRAFunction.apply(
+        x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, lora_bias, float(scaling), float(dropout_p), seed,
+        bool(gate), weight_is_kn, backend,
     )
+    return y2d.view(*x.shape[:-1], y2d.shape[-1])  # an autograd view of the Function's output: in-place safe
