@@ -85,7 +85,7 @@ _RUNTIME_ARGS = ["M", "blocks_per_split", "mask_key0", "mask_key1", "mask_thresh
 def _offsets(block, BLOCK: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     """block * BLOCK + [0, BLOCK), in int64 when the launch's tensors span 2**31 elements."""
     if INT64_OFFSETS:
-        block = block.to(tl.int64)
+        block = tl.cast(block, tl.int64)
     return block * BLOCK + tl.arange(0, BLOCK)
 
 
@@ -221,8 +221,9 @@ def _fused_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def _gemm_configs() -> list[triton.Config]:
-    if INTERPRET:  # autotuning needs a GPU; big blocks keep the interpreter's per-program overhead low
+def gemm_configs(for_interpreter: bool = INTERPRET) -> list[triton.Config]:
+    """The fused GEMM's autotuning configs (``_fused_gemm.configs``; ``prune_gemm_configs`` filters them)."""
+    if for_interpreter:  # autotuning needs a GPU; big blocks keep the interpreter's per-program overhead low
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
 
     def cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
@@ -261,14 +262,21 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, smem_limi
         smem_limit = _smem_limit(c.device)
     elem = c.element_size() if args.get("CDT") != tl.float32 else 4
     r_block, m_bucket = args["R_BLOCK"], args["M_BUCKET"]
-    kept = [cfg for cfg in configs
-            if gemm_smem_bytes(cfg, elem, r_block) <= smem_limit and cfg.kwargs["BLOCK_M"] <= max(64, m_bucket)]
+
+    def launchable(cfg: triton.Config) -> bool:
+        per_thread = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] // (32 * cfg.num_warps)
+        # The dX GEMM's dropout prologue hashes the whole tile while the accumulator is live: with 128
+        # accumulator elements per thread ptxas spills (sm_90: 255 registers + 72-160 B stack), with 64 it does not.
+        return (gemm_smem_bytes(cfg, elem, r_block) <= smem_limit and cfg.kwargs["BLOCK_M"] <= max(64, m_bucket)
+                and (per_thread <= 64 or not args["LORA_DROPOUT"]))
+
+    kept = [cfg for cfg in configs if launchable(cfg)]
     return kept or [min(configs, key=lambda cfg: gemm_smem_bytes(cfg, elem, r_block))]
 
 
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 _fused_gemm = triton.autotune(
-    configs=_gemm_configs(),
+    configs=gemm_configs(),
     key=["M_BUCKET", "N", "K", "LORA_DROPOUT", "HAS_MAIN", "R_BLOCK"],
     prune_configs_by={"early_config_prune": prune_gemm_configs},
 )(_even_k(_fused_gemm_kernel))
@@ -517,13 +525,15 @@ def skinny_config(kernel: str, r_block: int, x_bytes: int, side_bytes: int) -> S
         return SkinnyConfig(64, 64, 4, 1)
     if kernel == "ds_db":
         # Tall row-blocks while the rank is small: dB atomics scale with M / BLOCK_M.
-        block_m, block = min(256, max(64, 16384 // r_block)), min(64, 8192 // r_block)
+        # Both accumulators (dS: block_m x r, dB: block x r) stay within 96 fp32 registers per thread: at r = 128
+        # a 128-row tile spilled on sm_80 (255 registers + 32 B stack), 64 rows did not.
+        block_m, block = min(256, max(64, 8192 // r_block)), min(64, 8192 // r_block)
         resident = block_m * r_block * x_bytes  # s * S, the dB MMA's operand, loaded once
     else:
         block_m, block = 64, 128 if r_block <= 64 else 64
         resident = 0
     accumulator_rows = block if kernel == "da" else block_m
-    num_warps = 8 if accumulator_rows * r_block > 64 * 64 else 4
+    num_warps = 8 if kernel == "ds_db" or accumulator_rows * r_block > 64 * 64 else 4
 
     def stage_bytes(blk: int) -> int:
         side_rows = block_m if kernel == "da" else blk
