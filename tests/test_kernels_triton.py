@@ -271,6 +271,24 @@ def test_int64_offset_kernels_match_reference(monkeypatch):
     _check(t, _run(t, False, scaling, True, p, seed), _reference(t, False, scaling, True, p, keep), BF16, BF16, True)
 
 
+@pytest.mark.parametrize("kn", [False, True], ids=["linear", "conv1d"])
+def test_tma_persistent_gemm_matches_reference(monkeypatch, kn):
+    """The Hopper main loop (tensor descriptors, persistent tile loop), forced on the interpreter: both B layouts
+    (K- or N-contiguous, forward and dX), fewer programs than tiles, ragged M and N tiles."""
+    monkeypatch.setattr(lora_triton, "_tma_eligible", lambda a, b, b_strides: True)
+    monkeypatch.setattr(lora_triton, "_target_programs", lambda device: 2)
+    launches = _record_launches(monkeypatch)
+    m, k, n, r = 70, 72, 136, 8
+    t = _make(m, k, n, r, BF16, BF16, True, True, kn, seed=7)
+    seed, scaling, p = 21, 1.4, 0.1
+    keep = lora_triton.dropout_keep_mask(seed, (m, k), p, DEVICE)
+    _check(t, _run(t, kn, scaling, True, p, seed), _reference(t, kn, scaling, True, p, keep), BF16, BF16, True)
+    gemms = [(grid, kw) for name, grid, kw in launches if name == "_fused_gemm"]
+    assert len(gemms) == 2 and all(kw["USE_TMA"] for _, kw in gemms)
+    assert {kw["B_K_CONTIGUOUS"] for _, kw in gemms} == {True, False}  # forward and dX read B both ways
+    assert all(grid({"BLOCK_M": 64, "BLOCK_N": 64}) == (2,) for grid, _ in gemms)
+
+
 def _torch_backend_result(t, scaling, p, seed):
     from coto_kernels.kernels import lora_torch
 

@@ -28,6 +28,11 @@ Dispatch (host side):
   relaxed fp32 atomics; with ``torch.use_deterministic_algorithms(True)`` each split writes its own partial
   buffer that torch sums in a fixed order, and dB / the bias sums (cross-program atomics over M in the dS/dB
   kernel) are computed by torch GEMM/sum instead.
+* Hopper (sm_90+), 16-bit operands with 16-byte aligned rows: the GEMM's main loop reads A and B through tensor
+  descriptors (TMA; compiled for sm_90 every config shows HGMMA and UTMALDG, no stack) on a persistent grid of
+  one program per SM; elsewhere the pointer main loop, one program per tile. Device-side descriptors need
+  Triton's scratch allocator: a torch one is installed (``triton.set_allocator``, process-wide) at the first
+  TMA launch.
 * Offsets are int32 unless some tensor of the launch spans 2**31 elements (``needs_int64_offsets``), e.g. LoRA
   on a 128k-vocabulary ``lm_head``: then the kernel is compiled with int64 offsets.
 
@@ -71,6 +76,8 @@ SKINNY_SMEM_BUDGET = 144 * 1024
 
 # fp32 inputs reach the kernels only with TF32 allowed (IEEE fp32 goes to the torch backend); 16-bit ignore it.
 _DOT_PRECISION = "tf32"
+# Tensor descriptors (TMA loads on Hopper) in this Triton (3.4+, and the allocator they need).
+_HAS_TENSOR_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _U32 = 0xFFFFFFFF
 _GOLDEN_U32 = tl.constexpr(GOLDEN & _U32)
@@ -145,6 +152,16 @@ def _keep_mask_kernel(out_ptr, M, K, mask_key0, mask_key1, mask_threshold, mask_
 # --------------------------------------------------------------------------------------------------------------
 # Fused GEMM: C = A_op B_op (+ masked low-rank term) (+ biases) (+ C)
 # --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_coordinates(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row-tile, column-tile) of output tile number ``tile``, GROUP_M row-tiles at a time for L2 reuse."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_in_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_pid_m = (tile // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + ((tile % num_pid_in_group) % group_size_m), (tile % num_pid_in_group) // group_size_m
+
+
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _fused_gemm_kernel(
     a_ptr, b_ptr, c_ptr, s_ptr, l_ptr, bias_ptr, lbias_ptr,
@@ -154,8 +171,9 @@ def _fused_gemm_kernel(
     lora_scale, lbias_scale, drop_scale, mask_key0, mask_key1, mask_threshold, mask_row_step,
     HAS_MAIN: tl.constexpr, LORA_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LORA_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INT64_OFFSETS: tl.constexpr, EVEN_K: tl.constexpr, R_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr, USE_TMA: tl.constexpr, B_K_CONTIGUOUS: tl.constexpr, EVEN_K: tl.constexpr,
+    R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """C[M, N] = sum_k A[m, k] B[k, n] + keep'[m, n] lora_scale (S[M, R] L[R, N]) + bias + lbias_scale lbias.
 
@@ -163,64 +181,78 @@ def _fused_gemm_kernel(
     dX:       A = dY, B = W (strides), S = dS (already scaled by s), L = A_lora, lora_scale = 1, keep' = the
               dropout mask of X over the output [M, K] times drop_scale = 1/(1-p).
     HAS_MAIN=False drops the K loop (low-rank term only) and ACCUMULATE adds the existing C: the cuBLAS path.
-    Grid: one program per BLOCK_M x BLOCK_N output tile, grouped GROUP_M row-tiles at a time for L2 reuse.
+    Schedule: program i of the grid computes output tiles i, i + grid size, ... (grouped GROUP_M row-tiles at a
+    time for L2 reuse): one tile each when the grid is the tile count, persistent when it is the SM count.
+    Main loop: pointer loads (cp.async on sm_80/sm_90), or with USE_TMA tensor-descriptor loads (TMA on sm_90;
+    A's K stride and B's contiguous stride are 1, B_K_CONTIGUOUS says which of B's strides that is).
     M_BUCKET is unused in the body: it is the autotuning key, so every token count in a bucket shares a config.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    if USE_TMA:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        if B_K_CONTIGUOUS:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coordinates(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = _offsets(pid_m, BLOCK_M, INT64_OFFSETS)
+        offs_n = _offsets(pid_n, BLOCK_N, INT64_OFFSETS)
 
-    offs_m = _offsets(pid_m, BLOCK_M, INT64_OFFSETS)
-    offs_n = _offsets(pid_n, BLOCK_N, INT64_OFFSETS)
+        # The low-rank term seeds the accumulator before the main loop, so that (masked or not) it costs no
+        # second BLOCK_M x BLOCK_N register tile next to the accumulator.
+        offs_r = tl.arange(0, R_BLOCK)
+        s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                    mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
+        s = (s.to(tl.float32) * lora_scale).to(CDT)
+        lt = tl.load(l_ptr + offs_r[:, None] * stride_lr + offs_n[None, :] * stride_ln,
+                     mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0).to(CDT)
+        acc = tl.dot(s, lt, input_precision=DOT_PRECISION)
+        if LORA_DROPOUT:
+            keep = _keep_mask(offs_m, offs_n, mask_key0, mask_key1, mask_threshold, mask_row_step)
+            acc = tl.where(keep, acc * drop_scale, 0.0)
 
-    # The low-rank term seeds the accumulator before the main loop, so that (masked or not) it costs no second
-    # BLOCK_M x BLOCK_N register tile next to the accumulator.
-    offs_r = tl.arange(0, R_BLOCK)
-    s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
-    s = (s.to(tl.float32) * lora_scale).to(CDT)
-    lt = tl.load(l_ptr + offs_r[:, None] * stride_lr + offs_n[None, :] * stride_ln,
-                 mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0).to(CDT)
-    acc = tl.dot(s, lt, input_precision=DOT_PRECISION)
-    if LORA_DROPOUT:
-        keep = _keep_mask(offs_m, offs_n, mask_key0, mask_key1, mask_threshold, mask_row_step)
-        acc = tl.where(keep, acc * drop_scale, 0.0)
-
-    if HAS_MAIN:
-        # Wrapped rows/columns read valid memory and are never stored, so only K needs a load mask.
-        rm = offs_m % M
-        rn = offs_n % N
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak
-        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + rn[None, :] * stride_bn
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
+        if HAS_MAIN:
+            if USE_TMA:  # out-of-bounds rows/columns/K read as zeros
+                for k in range(0, tl.cdiv(K, BLOCK_K)):
+                    a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+                    if B_K_CONTIGUOUS:
+                        b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K]).T
+                    else:
+                        b = b_desc.load([k * BLOCK_K, pid_n * BLOCK_N])
+                    acc = tl.dot(a.to(CDT), b.to(CDT), acc, input_precision=DOT_PRECISION)
             else:
-                k_left = K - k * BLOCK_K
-                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            acc = tl.dot(a.to(CDT), b.to(CDT), acc, input_precision=DOT_PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+                # Wrapped rows/columns read valid memory and are never stored, so only K needs a load mask.
+                rm = offs_m % M
+                rn = offs_n % N
+                offs_k = tl.arange(0, BLOCK_K)
+                a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak
+                b_ptrs = b_ptr + offs_k[:, None] * stride_bk + rn[None, :] * stride_bn
+                for k in range(0, tl.cdiv(K, BLOCK_K)):
+                    if EVEN_K:
+                        a = tl.load(a_ptrs)
+                        b = tl.load(b_ptrs)
+                    else:
+                        k_left = K - k * BLOCK_K
+                        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+                        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+                    acc = tl.dot(a.to(CDT), b.to(CDT), acc, input_precision=DOT_PRECISION)
+                    a_ptrs += BLOCK_K * stride_ak
+                    b_ptrs += BLOCK_K * stride_bk
 
-    n_mask = offs_n < N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_LORA_BIAS:
-        acc += lbias_scale * tl.load(lbias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    c_mask = (offs_m[:, None] < M) & n_mask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+        n_mask = offs_n < N
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_LORA_BIAS:
+            acc += lbias_scale * tl.load(lbias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        c_mask = (offs_m[:, None] < M) & n_mask[None, :]
+        if ACCUMULATE:
+            acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 def gemm_configs(for_interpreter: bool = INTERPRET) -> list[triton.Config]:
@@ -279,7 +311,7 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, smem_limi
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 _fused_gemm = triton.autotune(
     configs=gemm_configs(),
-    key=["M_BUCKET", "N", "K", "LORA_DROPOUT", "HAS_MAIN", "R_BLOCK"],
+    key=["M_BUCKET", "N", "K", "LORA_DROPOUT", "HAS_MAIN", "R_BLOCK", "USE_TMA"],
     prune_configs_by={"early_config_prune": prune_gemm_configs},
 )(_even_k(_fused_gemm_kernel))
 
@@ -505,6 +537,34 @@ def _splits(blocks: int, split_blocks: int, device: torch.device) -> tuple[int, 
     return triton.cdiv(split_blocks, per), per
 
 
+def _tma_eligible(a: Tensor, b: Tensor, b_strides: tuple[int, int]) -> bool:
+    """Whether the GEMM's A and B can be read through tensor descriptors (TMA): a Hopper-or-newer GPU, a Triton
+    with ``tl.make_tensor_descriptor``, 16-bit operands, unit stride along one dimension, 16-byte aligned rows."""
+    if a.device.type != "cuda" or not _HAS_TENSOR_DESCRIPTORS or a.element_size() != 2:
+        return False
+    if torch.cuda.get_device_capability(a.device)[0] < 9:
+        return False
+
+    def rows_aligned(t: Tensor, stride: int) -> bool:
+        return t.data_ptr() % 16 == 0 and stride * t.element_size() % 16 == 0
+
+    return a.stride(1) == 1 and rows_aligned(a, a.stride(0)) and 1 in b_strides and rows_aligned(b, max(b_strides))
+
+
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of the persistent GEMM: one per SM (the split-reduction target off a GPU, for tests)."""
+    if device.type != "cuda":
+        return _target_programs(device)
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _install_descriptor_allocator(device_type: str) -> None:
+    """Device-side tensor descriptors need Triton's global scratch allocator (128 bytes per program): installed,
+    process-wide, at the first TMA launch; a torch allocation on the current device."""
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device_type))
+
+
 @dataclass(frozen=True)
 class SkinnyConfig:
     """Tile of a skinny kernel: BLOCK_M rows by BLOCK (K for the S/dA passes, N for dS/dB), warps, stages."""
@@ -717,16 +777,24 @@ def _launch_gemm(*, a: Tensor, b: Tensor, b_strides: tuple[int, int], out_featur
         HAS_MAIN=not on_cublas, HAS_BIAS=bias is not None and not on_cublas, HAS_LORA_BIAS=lora_bias is not None,
         ACCUMULATE=on_cublas, CDT=_compute_dtype(a.dtype), DOT_PRECISION=_DOT_PRECISION,
         INT64_OFFSETS=needs_int64_offsets(a, b, c, lowrank_s, lowrank_l), R_BLOCK=_r_block(r),
+        USE_TMA=False, B_K_CONTIGUOUS=b_strides[0] == 1,
     )
     if on_cublas:
         bm, bn = (64, 64) if INTERPRET else (64, 128)
         _fused_gemm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
             **args, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, GROUP_M=8, num_warps=4)
-    else:
-        def grid(meta: dict) -> tuple[int]:
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return c
+    # Hopper: TMA main loop, persistent grid (one program per SM walks the tiles); elsewhere one program per tile.
+    use_tma = _tma_eligible(a, b, b_strides)
+    max_programs = _persistent_programs(a.device) if use_tma else None
+    if use_tma:
+        _install_descriptor_allocator(a.device.type)
 
-        _fused_gemm[grid](**args)
+    def grid(meta: dict) -> tuple[int]:
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        return (tiles if max_programs is None else min(tiles, max_programs),)
+
+    _fused_gemm[grid](**{**args, "USE_TMA": use_tma})
     return c
 
 
