@@ -323,7 +323,7 @@ _fused_gemm = triton.autotune(
 def _lora_s_kernel(
     x_ptr, a_ptr, s_ptr,
     M, K, R, blocks_per_split,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_split, stride_sm, stride_sr,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_split, stride_s0, stride_s1,
     drop_scale, mask_key0, mask_key1, mask_threshold, mask_row_step,
     LORA_DROPOUT: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, INT64_OFFSETS: tl.constexpr, CDT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -349,7 +349,7 @@ def _lora_s_kernel(
         acc = tl.dot(x, at, acc, input_precision=DOT_PRECISION)
     if LORA_DROPOUT:
         acc = acc * drop_scale
-    s_ptrs = s_ptr + pid_s * stride_split + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
+    s_ptrs = s_ptr + pid_s * stride_split + offs_m[:, None] * stride_s0 + offs_r[None, :] * stride_s1
     _store_or_add(s_ptrs, acc, (offs_m[:, None] < M) & (offs_r[None, :] < R), SPLIT_ATOMIC)
 
 
@@ -358,7 +358,7 @@ def _lora_ds_db_kernel(
     dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, colsum_ptr,
     M, N, R, blocks_per_split,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
-    stride_split, stride_dsm, stride_dsr, stride_dbn, stride_dbr,
+    stride_split, stride_ds0, stride_ds1, stride_dbn, stride_dbr,
     scaling,
     COMPUTE_DS: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_COLSUM: tl.constexpr,
     SPLIT_ATOMIC: tl.constexpr, INT64_OFFSETS: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -404,7 +404,7 @@ def _lora_ds_db_kernel(
         if COMPUTE_COLSUM:
             _store_or_add(colsum_ptr + offs_n, tl.sum(dy.to(tl.float32), axis=0), n_mask, True)
     if COMPUTE_DS:
-        ds_ptrs = ds_ptr + pid_s * stride_split + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr
+        ds_ptrs = ds_ptr + pid_s * stride_split + offs_m[:, None] * stride_ds0 + offs_r[None, :] * stride_ds1
         _store_or_add(ds_ptrs, ds * scaling, m_mask[:, None] & r_mask[None, :], SPLIT_ATOMIC)
 
 
@@ -412,7 +412,7 @@ def _lora_ds_db_kernel(
 def _lora_da_kernel(
     ds_ptr, x_ptr, da_ptr,
     M, K, R, blocks_per_split,
-    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_split, stride_dar, stride_dak,
+    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_split, stride_da0, stride_da1,
     drop_scale, mask_key0, mask_key1, mask_threshold, mask_row_step,
     LORA_DROPOUT: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, INT64_OFFSETS: tl.constexpr, CDT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -437,7 +437,7 @@ def _lora_da_kernel(
         acc = tl.dot(tl.trans(x), ds, acc, input_precision=DOT_PRECISION)
     if LORA_DROPOUT:
         acc = acc * drop_scale
-    da_ptrs = da_ptr + pid_s * stride_split + offs_k[:, None] * stride_dak + offs_r[None, :] * stride_dar
+    da_ptrs = da_ptr + pid_s * stride_split + offs_r[None, :] * stride_da0 + offs_k[:, None] * stride_da1
     _store_or_add(da_ptrs, acc, (offs_k[:, None] < K) & (offs_r[None, :] < R), SPLIT_ATOMIC)
 
 
@@ -668,23 +668,55 @@ class _SplitOutput:
 # --------------------------------------------------------------------------------------------------------------
 # Host side: one launcher per kernel
 # --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _SkinnyPlan:
+    """How a skinny kernel is launched: its tile, its grid (parallel blocks, splits) and its split output."""
+
+    cfg: SkinnyConfig
+    grid: tuple[int, int]
+    blocks_per_split: int
+    out: _SplitOutput | None
+
+    @staticmethod
+    def of(kernel: str, r: int, streamed: Tensor, side: Tensor, out_shape: tuple[int, int] | None) -> _SkinnyPlan:
+        """Programs own row-blocks of ``streamed`` and reduce over its column-blocks (dA: the other way round)."""
+        cfg = skinny_config(kernel, _r_block(r), streamed.element_size(), side.element_size())
+        row_blocks, col_blocks = triton.cdiv(streamed.shape[0], cfg.block_m), triton.cdiv(streamed.shape[1], cfg.block)
+        parallel, reduced = (col_blocks, row_blocks) if kernel == "da" else (row_blocks, col_blocks)
+        splits, per = _splits(parallel, reduced, streamed.device)
+        out = _SplitOutput.of(out_shape, splits, streamed.device) if out_shape is not None else None
+        return _SkinnyPlan(cfg, (parallel, splits), per, out)
+
+    def split_args(self, out_prefix: str) -> dict:
+        """The split output's arguments: stride between partials, its two strides, atomic or not."""
+        strides = self.out.out_strides() if self.out is not None else (0, 0)
+        return {"stride_split": self.out.stride_split if self.out is not None else 0,
+                f"stride_{out_prefix}0": strides[0], f"stride_{out_prefix}1": strides[1],
+                "SPLIT_ATOMIC": self.out is not None and self.out.atomic}
+
+    def tile_args(self, dtype: torch.dtype, r: int, streamed_block: str) -> dict:
+        """The compile-time arguments: compute dtype, padded rank, tile sizes, warps, stages."""
+        cfg = self.cfg
+        return dict(CDT=_compute_dtype(dtype), DOT_PRECISION=_DOT_PRECISION, R_BLOCK=_r_block(r),
+                    BLOCK_M=cfg.block_m, **{streamed_block: cfg.block}, num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages)
+
+    def result(self) -> Tensor | None:
+        return self.out.result() if self.out is not None else None
+
+
 def _launch_s(x: Tensor, lora_a: Tensor, dropout: _Dropout) -> Tensor:
     """S = drop(X) A^T (fp32 [M, r])."""
     m, k = x.shape
     r = lora_a.shape[0]
-    cfg = skinny_config("s", _r_block(r), x.element_size(), lora_a.element_size())
-    splits, per = _splits(triton.cdiv(m, cfg.block_m), triton.cdiv(k, cfg.block), x.device)
-    out = _SplitOutput.of((m, r), splits, x.device)
-    stride_sm, stride_sr = out.out_strides()
-    _lora_s_kernel[(triton.cdiv(m, cfg.block_m), splits)](
-        x_ptr=x, a_ptr=lora_a, s_ptr=out.buffer, M=m, K=k, R=r, blocks_per_split=per,
+    plan = _SkinnyPlan.of("s", r, x, lora_a, (m, r))
+    _lora_s_kernel[plan.grid](
+        x_ptr=x, a_ptr=lora_a, s_ptr=plan.out.buffer, M=m, K=k, R=r, blocks_per_split=plan.blocks_per_split,
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_a.stride(0), stride_ak=lora_a.stride(1),
-        stride_split=out.stride_split, stride_sm=stride_sm, stride_sr=stride_sr, **dropout.kernel_args(),
-        SPLIT_ATOMIC=out.atomic, INT64_OFFSETS=needs_int64_offsets(x, lora_a, out.buffer),
-        CDT=_compute_dtype(x.dtype), DOT_PRECISION=_DOT_PRECISION, R_BLOCK=_r_block(r),
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **plan.split_args("s"), **dropout.kernel_args(),
+        INT64_OFFSETS=needs_int64_offsets(x, lora_a, plan.out.buffer), **plan.tile_args(x.dtype, r, "BLOCK_K"),
     )
-    return out.result()
+    return plan.result()
 
 
 def _launch_ds_db(dy: Tensor, lora_b: Tensor, s: Tensor | None, scaling: float, need: GradRequest,
@@ -704,9 +736,7 @@ def _launch_ds_db(dy: Tensor, lora_b: Tensor, s: Tensor | None, scaling: float, 
             colsum = dy.sum(0, dtype=torch.float32)
         if not need_ds:
             return None, db, colsum
-    cfg = skinny_config("ds_db", _r_block(r), dy.element_size(), lora_b.element_size())
-    splits, per = _splits(triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block), dy.device)
-    ds = _SplitOutput.of((m, r), splits, dy.device) if need_ds else None
+    plan = _SkinnyPlan.of("ds_db", r, dy, lora_b, (m, r) if need_ds else None)
     compute_db, compute_colsum = need.dlora and not deterministic, need_colsum and not deterministic
     f32 = dict(device=dy.device, dtype=torch.float32)
     if compute_db:
@@ -714,42 +744,33 @@ def _launch_ds_db(dy: Tensor, lora_b: Tensor, s: Tensor | None, scaling: float, 
     if compute_colsum:
         colsum = torch.zeros((n,), **f32)
     unused = dy  # pointer arguments of outputs a constexpr flag switches off
-    ds_strides = ds.out_strides() if ds is not None else (0, 0)
-    _lora_ds_db_kernel[(triton.cdiv(m, cfg.block_m), splits)](
-        dy_ptr=dy, b_ptr=lora_b, s_ptr=s if compute_db else unused, ds_ptr=ds.buffer if ds is not None else unused,
-        db_ptr=db if compute_db else unused, colsum_ptr=colsum if compute_colsum else unused,
-        M=m, N=n, R=r, blocks_per_split=per,
+    _lora_ds_db_kernel[plan.grid](
+        dy_ptr=dy, b_ptr=lora_b, s_ptr=s if compute_db else unused,
+        ds_ptr=plan.out.buffer if need_ds else unused, db_ptr=db if compute_db else unused,
+        colsum_ptr=colsum if compute_colsum else unused, M=m, N=n, R=r, blocks_per_split=plan.blocks_per_split,
         stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1),
         stride_sm=s.stride(0) if compute_db else 0, stride_sr=s.stride(1) if compute_db else 0,
-        stride_split=ds.stride_split if ds is not None else 0, stride_dsm=ds_strides[0], stride_dsr=ds_strides[1],
+        **plan.split_args("ds"),
         stride_dbn=db.stride(0) if compute_db else 0, stride_dbr=db.stride(1) if compute_db else 0,
-        scaling=scaling,
-        COMPUTE_DS=need_ds, COMPUTE_DB=compute_db, COMPUTE_COLSUM=compute_colsum,
-        SPLIT_ATOMIC=ds is not None and ds.atomic,
-        INT64_OFFSETS=needs_int64_offsets(dy, lora_b, s, ds.buffer if ds is not None else None, db),
-        CDT=_compute_dtype(compute_dtype), DOT_PRECISION=_DOT_PRECISION, R_BLOCK=_r_block(r),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        scaling=scaling, COMPUTE_DS=need_ds, COMPUTE_DB=compute_db, COMPUTE_COLSUM=compute_colsum,
+        INT64_OFFSETS=needs_int64_offsets(dy, lora_b, s, plan.out.buffer if need_ds else None, db),
+        **plan.tile_args(compute_dtype, r, "BLOCK_N"),
     )
-    return (ds.result() if ds is not None else None), db, colsum
+    return plan.result(), db, colsum
 
 
 def _launch_da(ds: Tensor, x: Tensor, dropout: _Dropout) -> Tensor:
-    """dA = dS^T drop(X) (fp32 [r, K])."""
+    """dA = dS^T drop(X) (fp32 [r, K], written through dA^T's strides)."""
     m, k = x.shape
     r = ds.shape[1]
-    cfg = skinny_config("da", _r_block(r), x.element_size(), ds.element_size())
-    splits, per = _splits(triton.cdiv(k, cfg.block), triton.cdiv(m, cfg.block_m), x.device)
-    out = _SplitOutput.of((r, k), splits, x.device)
-    stride_dar, stride_dak = out.out_strides()
-    _lora_da_kernel[(triton.cdiv(k, cfg.block), splits)](
-        ds_ptr=ds, x_ptr=x, da_ptr=out.buffer, M=m, K=k, R=r, blocks_per_split=per,
+    plan = _SkinnyPlan.of("da", r, x, ds, (r, k))
+    _lora_da_kernel[plan.grid](
+        ds_ptr=ds, x_ptr=x, da_ptr=plan.out.buffer, M=m, K=k, R=r, blocks_per_split=plan.blocks_per_split,
         stride_dsm=ds.stride(0), stride_dsr=ds.stride(1), stride_xm=x.stride(0), stride_xk=x.stride(1),
-        stride_split=out.stride_split, stride_dar=stride_dar, stride_dak=stride_dak, **dropout.kernel_args(),
-        SPLIT_ATOMIC=out.atomic, INT64_OFFSETS=needs_int64_offsets(ds, x, out.buffer),
-        CDT=_compute_dtype(x.dtype), DOT_PRECISION=_DOT_PRECISION, R_BLOCK=_r_block(r),
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **plan.split_args("da"), **dropout.kernel_args(),
+        INT64_OFFSETS=needs_int64_offsets(ds, x, plan.out.buffer), **plan.tile_args(x.dtype, r, "BLOCK_K"),
     )
-    return out.result()
+    return plan.result()
 
 
 def _launch_gemm(*, a: Tensor, b: Tensor, b_strides: tuple[int, int], out_features: int, bias: Tensor | None,
