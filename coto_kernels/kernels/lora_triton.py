@@ -2,12 +2,12 @@
 
 Kernels, one launcher each::
 
-    _lora_s_kernel       S = drop(X) A^T             one skinny pass over X, fp32 [M, r]
+    _lora_x_pass_kernel  S = drop(X) A^T             one skinny pass over X, fp32 [M, r]
     _fused_gemm_kernel   Y = X W^T + bias + g*s*(S B^T + lora_bias)  and  dX = dY W + g*drop'(dS A):
                          the low-rank term seeds the fp32 accumulator, the biases go into the epilogue, the
                          output is written once (no M x N intermediate)
     _lora_ds_db_kernel   dS = s dY B, dB = s dY^T S, colsum(dY)      one read of dY for all three
-    _lora_da_kernel      dA = dS^T drop(X)           one skinny pass over X
+    _lora_x_pass_kernel  dA = dS^T drop(X)           the same kernel with FOR_DA: one skinny pass over X
 
 The dropout mask is ``coto_kernels.kernels.dropout_mask``'s hash of (seed, m*K + k), regenerated in the S pass,
 the dX accumulator seed and the dA pass (never stored). The host derives the seed keys and the threshold once
@@ -320,37 +320,52 @@ _fused_gemm = triton.autotune(
 # Skinny kernels
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
-def _lora_s_kernel(
-    x_ptr, a_ptr, s_ptr,
+def _lora_x_pass_kernel(
+    x_ptr, side_ptr, out_ptr,
     M, K, R, blocks_per_split,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_split, stride_s0, stride_s1,
+    stride_xm, stride_xk, stride_side0, stride_side1, stride_split, stride_out0, stride_out1,
     drop_scale, mask_key0, mask_key1, mask_threshold, mask_row_step,
-    LORA_DROPOUT: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, INT64_OFFSETS: tl.constexpr, CDT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    FOR_DA: tl.constexpr, LORA_DROPOUT: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, INT64_OFFSETS: tl.constexpr,
+    CDT: tl.constexpr, DOT_PRECISION: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """S[M, R] = (1/(1-p)) * (keep * X)[M, K] @ A^T[K, R], accumulated in fp32.
+    """The two skinny passes over X, accumulated in fp32 (FOR_DA picks the axis of X a program owns)::
 
-    Grid (cdiv(M, BLOCK_M), splits): program (i, j) reduces row-block i over K-blocks
-    [j * blocks_per_split, (j + 1) * blocks_per_split) into split j's output (``stride_split`` apart; 0 with
-    SPLIT_ATOMIC, where the splits add into one zeroed S).
+        S   [M, R] = (1/(1-p)) (keep * X) A^T     program i owns row-block i and reduces over K-blocks;
+                                                  side = A read as A^T [K, R]
+        dA^T[K, R] = (1/(1-p)) (keep * X)^T dS    program i owns K-block i and reduces over row-blocks;
+                                                  side = dS [M, R]; dA^T so the MMA's long side is BLOCK_K
+
+    ``side`` is read as [reduced axis, R] (strides side0, side1), the output tile is [owned axis, R] (strides
+    out0, out1). Grid (owned blocks, splits): split j reduces blocks [j * blocks_per_split, ...) into its
+    output, ``stride_split`` apart (0 with SPLIT_ATOMIC, where the splits add into one zeroed output).
     """
+    OWNED: tl.constexpr = BLOCK_K if FOR_DA else BLOCK_M
+    REDUCED: tl.constexpr = BLOCK_M if FOR_DA else BLOCK_K
+    owned_len = K if FOR_DA else M
+    reduced_len = M if FOR_DA else K
     pid_s = tl.program_id(1)
-    offs_m = _offsets(tl.program_id(0), BLOCK_M, INT64_OFFSETS)
+    offs_own = _offsets(tl.program_id(0), OWNED, INT64_OFFSETS)
     offs_r = tl.arange(0, R_BLOCK)
-    acc = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
-    kb_start = pid_s * blocks_per_split
-    kb_end = min(kb_start + blocks_per_split, tl.cdiv(K, BLOCK_K))
-    for kb in range(kb_start, kb_end):
-        offs_k = _offsets(kb, BLOCK_K, INT64_OFFSETS)
-        x = _load_kept_x(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk,
-                         mask_key0, mask_key1, mask_threshold, mask_row_step, LORA_DROPOUT, CDT)
-        at = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-                     mask=(offs_k[:, None] < K) & (offs_r[None, :] < R), other=0.0).to(CDT)
-        acc = tl.dot(x, at, acc, input_precision=DOT_PRECISION)
+    acc = tl.zeros((OWNED, R_BLOCK), dtype=tl.float32)
+    start = pid_s * blocks_per_split
+    end = min(start + blocks_per_split, tl.cdiv(reduced_len, REDUCED))
+    for block in range(start, end):
+        offs_red = _offsets(block, REDUCED, INT64_OFFSETS)
+        side = tl.load(side_ptr + offs_red[:, None] * stride_side0 + offs_r[None, :] * stride_side1,
+                       mask=(offs_red[:, None] < reduced_len) & (offs_r[None, :] < R), other=0.0).to(CDT)
+        if FOR_DA:
+            x = _load_kept_x(x_ptr, offs_red, offs_own, M, K, stride_xm, stride_xk,
+                             mask_key0, mask_key1, mask_threshold, mask_row_step, LORA_DROPOUT, CDT)
+            acc = tl.dot(tl.trans(x), side, acc, input_precision=DOT_PRECISION)
+        else:
+            x = _load_kept_x(x_ptr, offs_own, offs_red, M, K, stride_xm, stride_xk,
+                             mask_key0, mask_key1, mask_threshold, mask_row_step, LORA_DROPOUT, CDT)
+            acc = tl.dot(x, side, acc, input_precision=DOT_PRECISION)
     if LORA_DROPOUT:
         acc = acc * drop_scale
-    s_ptrs = s_ptr + pid_s * stride_split + offs_m[:, None] * stride_s0 + offs_r[None, :] * stride_s1
-    _store_or_add(s_ptrs, acc, (offs_m[:, None] < M) & (offs_r[None, :] < R), SPLIT_ATOMIC)
+    out_ptrs = out_ptr + pid_s * stride_split + offs_own[:, None] * stride_out0 + offs_r[None, :] * stride_out1
+    _store_or_add(out_ptrs, acc, (offs_own[:, None] < owned_len) & (offs_r[None, :] < R), SPLIT_ATOMIC)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
@@ -406,39 +421,6 @@ def _lora_ds_db_kernel(
     if COMPUTE_DS:
         ds_ptrs = ds_ptr + pid_s * stride_split + offs_m[:, None] * stride_ds0 + offs_r[None, :] * stride_ds1
         _store_or_add(ds_ptrs, ds * scaling, m_mask[:, None] & r_mask[None, :], SPLIT_ATOMIC)
-
-
-@triton.jit(do_not_specialize=_RUNTIME_ARGS)
-def _lora_da_kernel(
-    ds_ptr, x_ptr, da_ptr,
-    M, K, R, blocks_per_split,
-    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_split, stride_da0, stride_da1,
-    drop_scale, mask_key0, mask_key1, mask_threshold, mask_row_step,
-    LORA_DROPOUT: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, INT64_OFFSETS: tl.constexpr, CDT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """dA^T[K, R] = (1/(1-p)) * (keep * X)^T[K, M] @ dS[M, R], stored transposed into dA [R, K] (fp32).
-
-    Computed as dA^T so the MMA's long side is BLOCK_K rather than the rank. Grid (cdiv(K, BLOCK_K), splits):
-    program (i, j) owns K-block i and reduces over row-blocks [j * blocks_per_split, ...) into split j's output.
-    """
-    pid_s = tl.program_id(1)
-    offs_k = _offsets(tl.program_id(0), BLOCK_K, INT64_OFFSETS)
-    offs_r = tl.arange(0, R_BLOCK)
-    acc = tl.zeros((BLOCK_K, R_BLOCK), dtype=tl.float32)
-    mb_start = pid_s * blocks_per_split
-    mb_end = min(mb_start + blocks_per_split, tl.cdiv(M, BLOCK_M))
-    for mb in range(mb_start, mb_end):
-        offs_m = _offsets(mb, BLOCK_M, INT64_OFFSETS)
-        x = _load_kept_x(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk,
-                         mask_key0, mask_key1, mask_threshold, mask_row_step, LORA_DROPOUT, CDT)
-        ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
-                     mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0).to(CDT)
-        acc = tl.dot(tl.trans(x), ds, acc, input_precision=DOT_PRECISION)
-    if LORA_DROPOUT:
-        acc = acc * drop_scale
-    da_ptrs = da_ptr + pid_s * stride_split + offs_r[None, :] * stride_da0 + offs_k[:, None] * stride_da1
-    _store_or_add(da_ptrs, acc, (offs_k[:, None] < K) & (offs_r[None, :] < R), SPLIT_ATOMIC)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -687,13 +669,6 @@ class _SkinnyPlan:
         out = _SplitOutput.of(out_shape, splits, streamed.device) if out_shape is not None else None
         return _SkinnyPlan(cfg, (parallel, splits), per, out)
 
-    def split_args(self, out_prefix: str) -> dict:
-        """The split output's arguments: stride between partials, its two strides, atomic or not."""
-        strides = self.out.out_strides() if self.out is not None else (0, 0)
-        return {"stride_split": self.out.stride_split if self.out is not None else 0,
-                f"stride_{out_prefix}0": strides[0], f"stride_{out_prefix}1": strides[1],
-                "SPLIT_ATOMIC": self.out is not None and self.out.atomic}
-
     def tile_args(self, dtype: torch.dtype, r: int, streamed_block: str) -> dict:
         """The compile-time arguments: compute dtype, padded rank, tile sizes, warps, stages."""
         cfg = self.cfg
@@ -705,16 +680,19 @@ class _SkinnyPlan:
         return self.out.result() if self.out is not None else None
 
 
-def _launch_s(x: Tensor, lora_a: Tensor, dropout: _Dropout) -> Tensor:
-    """S = drop(X) A^T (fp32 [M, r])."""
+def _launch_x_pass(x: Tensor, side: Tensor, dropout: _Dropout, *, for_da: bool) -> Tensor:
+    """S = drop(X) A^T (fp32 [M, r]; side = A) or dA = dS^T drop(X) (fp32 [r, K]; side = dS)."""
     m, k = x.shape
-    r = lora_a.shape[0]
-    plan = _SkinnyPlan.of("s", r, x, lora_a, (m, r))
-    _lora_s_kernel[plan.grid](
-        x_ptr=x, a_ptr=lora_a, s_ptr=plan.out.buffer, M=m, K=k, R=r, blocks_per_split=plan.blocks_per_split,
-        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_a.stride(0), stride_ak=lora_a.stride(1),
-        **plan.split_args("s"), **dropout.kernel_args(),
-        INT64_OFFSETS=needs_int64_offsets(x, lora_a, plan.out.buffer), **plan.tile_args(x.dtype, r, "BLOCK_K"),
+    r = side.shape[1] if for_da else side.shape[0]
+    plan = _SkinnyPlan.of("da" if for_da else "s", r, x, side, (r, k) if for_da else (m, r))
+    out0, out1 = plan.out.out_strides()
+    side0, side1 = (side.stride(0), side.stride(1)) if for_da else (side.stride(1), side.stride(0))
+    _lora_x_pass_kernel[plan.grid](
+        x_ptr=x, side_ptr=side, out_ptr=plan.out.buffer, M=m, K=k, R=r, blocks_per_split=plan.blocks_per_split,
+        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_side0=side0, stride_side1=side1,
+        stride_split=plan.out.stride_split, stride_out0=out1 if for_da else out0, stride_out1=out0 if for_da else out1,
+        **dropout.kernel_args(), FOR_DA=for_da, SPLIT_ATOMIC=plan.out.atomic,
+        INT64_OFFSETS=needs_int64_offsets(x, side, plan.out.buffer), **plan.tile_args(x.dtype, r, "BLOCK_K"),
     )
     return plan.result()
 
@@ -750,27 +728,15 @@ def _launch_ds_db(dy: Tensor, lora_b: Tensor, s: Tensor | None, scaling: float, 
         colsum_ptr=colsum if compute_colsum else unused, M=m, N=n, R=r, blocks_per_split=plan.blocks_per_split,
         stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1),
         stride_sm=s.stride(0) if compute_db else 0, stride_sr=s.stride(1) if compute_db else 0,
-        **plan.split_args("ds"),
+        stride_split=plan.out.stride_split if need_ds else 0,
+        stride_ds0=plan.out.out_strides()[0] if need_ds else 0, stride_ds1=plan.out.out_strides()[1] if need_ds else 0,
+        SPLIT_ATOMIC=need_ds and plan.out.atomic,
         stride_dbn=db.stride(0) if compute_db else 0, stride_dbr=db.stride(1) if compute_db else 0,
         scaling=scaling, COMPUTE_DS=need_ds, COMPUTE_DB=compute_db, COMPUTE_COLSUM=compute_colsum,
         INT64_OFFSETS=needs_int64_offsets(dy, lora_b, s, plan.out.buffer if need_ds else None, db),
         **plan.tile_args(compute_dtype, r, "BLOCK_N"),
     )
     return plan.result(), db, colsum
-
-
-def _launch_da(ds: Tensor, x: Tensor, dropout: _Dropout) -> Tensor:
-    """dA = dS^T drop(X) (fp32 [r, K], written through dA^T's strides)."""
-    m, k = x.shape
-    r = ds.shape[1]
-    plan = _SkinnyPlan.of("da", r, x, ds, (r, k))
-    _lora_da_kernel[plan.grid](
-        ds_ptr=ds, x_ptr=x, da_ptr=plan.out.buffer, M=m, K=k, R=r, blocks_per_split=plan.blocks_per_split,
-        stride_dsm=ds.stride(0), stride_dsr=ds.stride(1), stride_xm=x.stride(0), stride_xk=x.stride(1),
-        **plan.split_args("da"), **dropout.kernel_args(),
-        INT64_OFFSETS=needs_int64_offsets(ds, x, plan.out.buffer), **plan.tile_args(x.dtype, r, "BLOCK_K"),
-    )
-    return plan.result()
 
 
 def _launch_gemm(*, a: Tensor, b: Tensor, b_strides: tuple[int, int], out_features: int, bias: Tensor | None,
@@ -851,7 +817,7 @@ def lora_forward(
     m = x.shape[0]
     if m == 0:
         return x.new_empty((0, w_nk.shape[0])), x.new_empty((0, lora_a.shape[0]), dtype=torch.float32)
-    s = _launch_s(x, lora_a, _Dropout.of(options, x.shape[1]))
+    s = _launch_x_pass(x, lora_a, _Dropout.of(options, x.shape[1]), for_da=False)
     y = _launch_gemm(
         a=x, b=w_nk, b_strides=(w_nk.stride(1), w_nk.stride(0)), out_features=w_nk.shape[0], bias=bias,
         lowrank_s=s, lowrank_l=lora_b, l_strides=(lora_b.stride(1), lora_b.stride(0)), lora_scale=options.scaling,
@@ -892,7 +858,7 @@ def lora_backward(
             lora_bias=None, dropout=dropout, cublas_below_m=cublas_below_m, cublas_base=lambda: dy @ w_nk,
         )
     if need.dlora:
-        da = torch.zeros((r, k), device=dy.device) if m == 0 else _launch_da(ds, x, dropout)
+        da = torch.zeros((r, k), device=dy.device) if m == 0 else _launch_x_pass(x, ds, dropout, for_da=True)
     return LoraGrads(
         dx=dx,
         d_lora_a=da.to(lora_a.dtype) if da is not None else None,
