@@ -7,6 +7,9 @@ copy), S = drop(X) A^T (M x r) and the dropout seed: never a dropped copy of X, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -54,6 +57,26 @@ def autocast_operands(
     return tuple(t.to(dtype) if t is not None else None for t in (x, weight, bias, lora_a, lora_b, lora_bias))
 
 
+def run_on_rows(
+    fused_2d: Callable[..., Tensor],
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None,
+    *scalars: Any,
+) -> Tensor:
+    """``fused_2d(x2d, weight, bias, lora_a, lora_b, lora_bias, *scalars)`` for an ``x`` of any leading dimensions.
+
+    What both autograd paths (``lora_linear`` here, ``coto_kernels.compile.gated_lora_linear``) do around their
+    2-D fused call: under ``torch.autocast`` the operands are cast first (``autocast_operands``) and the call runs
+    with autocast off; the result is viewed back to ``x``'s leading dimensions outside the autograd Function or
+    custom op, so it stays an ordinary autograd view that PEFT may add onto in place.
+    """
+    cast = autocast_operands(x, weight, bias, lora_a, lora_b, lora_bias)
+    if cast is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return run_on_rows(fused_2d, *cast, *scalars)
+    y2d = fused_2d(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, lora_bias, *scalars)
+    return y2d.view(*x.shape[:-1], y2d.shape[-1])
+
+
 class GatedLoRAFunction(torch.autograd.Function):
     """Fused base GEMM + low-rank update + gate on 2-D ``x``; see the module docstring for what is saved.
 
@@ -65,18 +88,8 @@ class GatedLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        lora_a: Tensor,
-        lora_b: Tensor,
-        lora_bias: Tensor | None,
-        scaling: float,
-        dropout_p: float,
-        seed: int,
-        gate: bool,
-        weight_is_kn: bool,
-        backend: str,
+        x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None,
+        scaling: float, dropout_p: float, seed: int, gate: bool, weight_is_kn: bool, backend: str,
     ) -> Tensor:
         options = LoraOptions(scaling=scaling, dropout_p=dropout_p, seed=seed, gate=gate, weight_is_kn=weight_is_kn)
         y, s = load_backend(backend).lora_forward(x, weight, bias, lora_a, lora_b, lora_bias, options=options)
@@ -134,16 +147,9 @@ def lora_linear(
         raise ValueError(
             f"shape mismatch: x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}"
         )
-    cast = autocast_operands(x, weight, bias, lora_a, lora_b, lora_bias)
-    if cast is not None:
-        with torch.autocast(x.device.type, enabled=False):
-            return lora_linear(*cast, scaling=scaling, dropout_p=dropout_p, gate=gate, weight_is_kn=weight_is_kn,
-                               seed=seed, backend=backend)
     if seed is None:
         seed = new_dropout_seed() if dropout_p > 0.0 and gate else 0
-    backend = resolve_backend(backend, x.device)
-    y2d = GatedLoRAFunction.apply(
-        x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, lora_bias, float(scaling), float(dropout_p), seed,
-        bool(gate), weight_is_kn, backend,
+    return run_on_rows(
+        GatedLoRAFunction.apply, x, weight, bias, lora_a, lora_b, lora_bias,
+        float(scaling), float(dropout_p), seed, bool(gate), weight_is_kn, resolve_backend(backend, x.device),
     )
-    return y2d.view(*x.shape[:-1], y2d.shape[-1])  # an autograd view of the Function's output: in-place safe
