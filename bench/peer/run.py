@@ -129,6 +129,8 @@ def main() -> int:
     parser.add_argument("--modes", default="off,schedule", help="patched modes to compare with the baseline")
     parser.add_argument("--out", default=str(ROOT / "results" / "peer"), help="where the report goes")
     parser.add_argument("--cache", default=str(CACHE), help="where the peft source distribution is kept")
+    parser.add_argument("--only", nargs="+", default=None, metavar="FILE",
+                        help="restrict the selection to these test files (e.g. test_mixed.py)")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (e.g. -x, -k EXPR)")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
@@ -140,6 +142,11 @@ def main() -> int:
 
     source = peft_tests(Path(args.cache))
     selection = FAST if args.fast else FULL
+    if args.only:
+        selection = {path: pattern for path, pattern in selection.items() if Path(path).name in args.only}
+        if not selection:
+            names = sorted(Path(p).name for p in (FAST if args.fast else FULL))
+            parser.error(f"--only {args.only} matches none of {names}")
     out = Path(args.out) / ("fast" if args.fast else "full")
     out.mkdir(parents=True, exist_ok=True)
     results = {mode: run_mode(source, mode, selection, out, args.pytest_args) for mode in ("none", *modes)}
