@@ -32,6 +32,8 @@
 #else
 #define COTO_CLONES
 #endif
+// Helpers of the cloned loops must be inlined into them to be compiled for the clone's instruction set.
+#define COTO_INLINE inline __attribute__((always_inline))
 
 namespace coto {
 namespace {
@@ -43,14 +45,14 @@ constexpr int64_t kChunk = 256;  // columns of X per cache block
 constexpr int kLanes = 8;
 typedef float v8 __attribute__((vector_size(32)));
 
-inline v8 load8(const float* p) {
+COTO_INLINE v8 load8(const float* p) {
   v8 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
-inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
-inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+COTO_INLINE void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+COTO_INLINE v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
+COTO_INLINE float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 struct Dropout {
   MaskKeys keys;
@@ -72,57 +74,123 @@ inline uint32_t row_index(int64_t row, int64_t cols) {
 }
 
 // out[k] = keep * x[k] * scale (the dropped row chunk in fp32) and, when factor != nullptr, factor[k] = keep * scale.
+// The dropout fields are copied into locals so the compiler knows the float stores cannot change them (the loop
+// then vectorises: 8 hashes per AVX2 instruction sequence).
 template <typename T>
-inline void dropped_chunk(const T* x, int64_t n, uint32_t index0, const Dropout& d, float* out, float* factor) {
+COTO_INLINE void dropped_chunk(const T* __restrict__ x, int64_t n, uint32_t index0, const Dropout& d,
+                          float* __restrict__ out, float* __restrict__ factor) {
   if (!d.on) {
     for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(x[k]);
     if (factor != nullptr) std::fill(factor, factor + n, 1.0f);
     return;
   }
-  for (int64_t k = 0; k < n; ++k) {
-    const float f = mask_hash(index0 + static_cast<uint32_t>(k), d.keys) >= d.threshold ? d.scale : 0.0f;
+  const MaskKeys keys = d.keys;
+  const int32_t threshold = d.threshold;
+  const float scale = d.scale;
+  const uint32_t count = static_cast<uint32_t>(n);
+  if (factor == nullptr) {
+    for (uint32_t k = 0; k < count; ++k) {
+      const float value = static_cast<float>(x[k]);  // loaded unconditionally, so the loop vectorises
+      out[k] = value * (mask_hash(index0 + k, keys) >= threshold ? scale : 0.0f);
+    }
+    return;
+  }
+  for (uint32_t k = 0; k < count; ++k) {
+    const float f = mask_hash(index0 + k, keys) >= threshold ? scale : 0.0f;
+    factor[k] = f;
     out[k] = static_cast<float>(x[k]) * f;
-    if (factor != nullptr) factor[k] = f;
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// S = drop(X) A^T for rows [row0, row0 + rows), rows <= kRows.
-template <typename T>
-COTO_CLONES void down_block(const T* x, int64_t ldx, int64_t row0, int64_t rows, int64_t K, const float* a,
-                            int64_t r, const Dropout& d, float* s) {
-  alignas(32) float xd[kRows][kChunk];
-  std::fill(s + row0 * r, s + (row0 + rows) * r, 0.0f);
-  for (int64_t i = rows; i < kRows; ++i) std::fill(xd[i], xd[i] + kChunk, 0.0f);
-  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-    const int64_t n = std::min(kChunk, K - k0);
-    for (int64_t i = 0; i < rows; ++i) {
-      dropped_chunk(x + (row0 + i) * ldx + k0, n, row_index(row0 + i, K) + static_cast<uint32_t>(k0), d, xd[i],
-                    nullptr);
+// Register blocks shared by the kernels below. Chunks are zero-padded to a multiple of 8 columns (xd rows and the
+// padded fp32 copy of A), so the vector loops need no scalar tails.
+
+inline int64_t round_up8(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// sums[i][jj] = sum_k xd[i][k] * w[jj][k] for the 4 rows of a block and NJ weight rows.
+template <int NJ>
+COTO_INLINE void dot_rows(const float (*xd)[kChunk], const float* const* w, int64_t nvu, float (*sums)[NJ]) {
+  v8 acc[kRows][NJ];
+  for (int i = 0; i < kRows; ++i)
+    for (int jj = 0; jj < NJ; ++jj) acc[i][jj] = splat(0);
+  for (int64_t k = 0; k < nvu; k += kLanes) {
+    v8 wv[NJ];
+    for (int jj = 0; jj < NJ; ++jj) wv[jj] = load8(w[jj] + k);
+    for (int i = 0; i < kRows; ++i) {
+      const v8 xv = load8(xd[i] + k);
+      for (int jj = 0; jj < NJ; ++jj) acc[i][jj] += xv * wv[jj];
     }
-    const int64_t nv = n - n % kLanes;
-    for (int64_t j = 0; j < r; ++j) {
-      const float* aj = a + j * K + k0;
-      v8 acc0 = splat(0), acc1 = splat(0), acc2 = splat(0), acc3 = splat(0);
-      for (int64_t k = 0; k < nv; k += kLanes) {
-        const v8 av = load8(aj + k);
-        acc0 += load8(xd[0] + k) * av;
-        acc1 += load8(xd[1] + k) * av;
-        acc2 += load8(xd[2] + k) * av;
-        acc3 += load8(xd[3] + k) * av;
-      }
-      float tail[kRows] = {0, 0, 0, 0};
-      for (int64_t k = nv; k < n; ++k) {
-        for (int64_t i = 0; i < kRows; ++i) tail[i] += xd[i][k] * aj[k];
-      }
-      const float sums[kRows] = {hsum(acc0) + tail[0], hsum(acc1) + tail[1], hsum(acc2) + tail[2],
-                                 hsum(acc3) + tail[3]};
-      for (int64_t i = 0; i < rows; ++i) s[(row0 + i) * r + j] += sums[i];
+  }
+  for (int i = 0; i < kRows; ++i)
+    for (int jj = 0; jj < NJ; ++jj) sums[i][jj] = hsum(acc[i][jj]);
+}
+
+// out[jj][k] += sum_i g[i][jj] * xd[i][k] for NJ output rows (the rank-4 update of dA).
+template <int NJ>
+COTO_INLINE void rank_update(const float (*xd)[kChunk], const float (*g)[NJ], int64_t nvu, float* const* out) {
+  v8 gv[kRows][NJ];
+  for (int i = 0; i < kRows; ++i)
+    for (int jj = 0; jj < NJ; ++jj) gv[i][jj] = splat(g[i][jj]);
+  for (int64_t k = 0; k < nvu; k += kLanes) {
+    v8 xv[kRows];
+    for (int i = 0; i < kRows; ++i) xv[i] = load8(xd[i] + k);
+    for (int jj = 0; jj < NJ; ++jj) {
+      v8 o = load8(out[jj] + k);
+      for (int i = 0; i < kRows; ++i) o += gv[i][jj] * xv[i];
+      store8(out[jj] + k, o);
     }
   }
 }
 
-Tensor as_fp32_contiguous(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+// S = drop(X) A^T for rows [row0, row0 + rows), rows <= kRows; a is fp32 [r, Kp] with zero padding.
+template <typename T>
+COTO_CLONES void down_block(const T* x, int64_t ldx, int64_t row0, int64_t rows, int64_t K, const float* a,
+                            int64_t Kp, int64_t r, const Dropout& d, float* s) {
+  alignas(32) float xd[kRows][kChunk];
+  std::fill(s + row0 * r, s + (row0 + rows) * r, 0.0f);
+  std::fill(&xd[0][0], &xd[0][0] + kRows * kChunk, 0.0f);
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t n = std::min(kChunk, K - k0), nvu = round_up8(n);
+    for (int64_t i = 0; i < rows; ++i) {
+      dropped_chunk(x + (row0 + i) * ldx + k0, n, row_index(row0 + i, K) + static_cast<uint32_t>(k0), d, xd[i],
+                    nullptr);
+      std::fill(xd[i] + n, xd[i] + nvu, 0.0f);
+    }
+    int64_t j = 0;
+    for (; j + 2 <= r; j += 2) {
+      const float* w[2] = {a + j * Kp + k0, a + (j + 1) * Kp + k0};
+      float sums[kRows][2];
+      dot_rows<2>(xd, w, nvu, sums);
+      for (int64_t i = 0; i < rows; ++i) {
+        s[(row0 + i) * r + j] += sums[i][0];
+        s[(row0 + i) * r + j + 1] += sums[i][1];
+      }
+    }
+    if (j < r) {
+      const float* w[1] = {a + j * Kp + k0};
+      float sums[kRows][1];
+      dot_rows<1>(xd, w, nvu, sums);
+      for (int64_t i = 0; i < rows; ++i) s[(row0 + i) * r + j] += sums[i][0];
+    }
+  }
+}
+
+// A as fp32 [r, Kp], Kp = K rounded up to 8, zero-padded.
+Tensor padded_columns(const Tensor& a) {
+  const int64_t K = a.size(1);
+  Tensor out = at::zeros({a.size(0), round_up8(K)}, a.options().dtype(at::kFloat));
+  out.narrow(1, 0, K).copy_(a);
+  return out;
+}
+
+// t as fp32 with zero rows appended up to a multiple of kRows (row blocks then need no bounds checks).
+Tensor padded_rows(const Tensor& t) {
+  const int64_t rows = t.size(0);
+  Tensor out = at::zeros({(rows + kRows - 1) / kRows * kRows, t.size(1)}, t.options().dtype(at::kFloat));
+  out.narrow(0, 0, rows).copy_(t);
+  return out;
+}
 
 Tensor unit_col_stride(const Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
@@ -137,8 +205,8 @@ Tensor lora_down_cpu(const Tensor& x_in, const Tensor& a_in, int64_t seed, doubl
               a_in.sizes(), " disagree on K");
   const Dropout d = make_dropout(seed, dropout_p);
   const Tensor x = unit_col_stride(x_in);
-  const Tensor a = as_fp32_contiguous(a_in);
-  const int64_t M = x.size(0), K = x.size(1), r = a.size(0);
+  const Tensor a = padded_columns(a_in);
+  const int64_t M = x.size(0), K = x.size(1), r = a.size(0), Kp = a.size(1);
   Tensor s = at::empty({M, r}, x.options().dtype(at::kFloat));
   if (M == 0) return s;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_down", [&] {
@@ -149,7 +217,7 @@ Tensor lora_down_cpu(const Tensor& x_in, const Tensor& a_in, int64_t seed, doubl
     at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const int64_t row0 = b * kRows;
-        down_block(xp, x.stride(0), row0, std::min(kRows, M - row0), K, ap, r, d, sp);
+        down_block(xp, x.stride(0), row0, std::min(kRows, M - row0), K, ap, Kp, r, d, sp);
       }
     });
   });
@@ -267,52 +335,61 @@ std::tuple<Tensor, Tensor, Tensor> lora_dy_cpu(const Tensor& dy_in, const Tensor
 
 // ---------------------------------------------------------------------------------------------------------------
 // One pass over X and dX for rows [row0, row0 + rows): dX += keep/(1-p) * (dS A) and dA_part += dS^T drop(X).
+// a is fp32 [r, Kp] and da_part [r, Kp] (zero-padded columns); ds has zero rows up to a multiple of kRows.
 template <typename T>
 COTO_CLONES void dx_da_block(T* dx, int64_t lddx, const T* x, int64_t ldx, int64_t row0, int64_t rows, int64_t K,
-                             const float* ds, const float* a, int64_t r, const Dropout& d, float* da_part) {
+                             const float* ds, const float* a, int64_t Kp, int64_t r, const Dropout& d,
+                             float* da_part) {
   alignas(32) float xd[kRows][kChunk];
   alignas(32) float factor[kRows][kChunk];
-  alignas(32) float delta[kChunk];
-  for (int64_t i = rows; i < kRows; ++i) {
-    std::fill(xd[i], xd[i] + kChunk, 0.0f);
-    std::fill(factor[i], factor[i] + kChunk, 0.0f);
-  }
+  alignas(32) float delta[kRows][kChunk];
+  std::fill(&xd[0][0], &xd[0][0] + kRows * kChunk, 0.0f);
+  std::fill(&factor[0][0], &factor[0][0] + kRows * kChunk, 0.0f);
+  const float* g_rows = ds + row0 * r;
+  const auto g_at = [&](int64_t i, int64_t j) { return g_rows[i * r + j]; };
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-    const int64_t n = std::min(kChunk, K - k0);
-    const int64_t nv = n - n % kLanes;
+    const int64_t n = std::min(kChunk, K - k0), nvu = round_up8(n);
     for (int64_t i = 0; i < rows; ++i) {
       dropped_chunk(x + (row0 + i) * ldx + k0, n, row_index(row0 + i, K) + static_cast<uint32_t>(k0), d, xd[i],
                     factor[i]);
+      std::fill(xd[i] + n, xd[i] + nvu, 0.0f);
     }
     if (da_part != nullptr) {
-      for (int64_t j = 0; j < r; ++j) {
-        const float g0 = ds[(row0 + 0) * r + j];
-        const float g1 = rows > 1 ? ds[(row0 + 1) * r + j] : 0.0f;
-        const float g2 = rows > 2 ? ds[(row0 + 2) * r + j] : 0.0f;
-        const float g3 = rows > 3 ? ds[(row0 + 3) * r + j] : 0.0f;
-        float* daj = da_part + j * K + k0;
-        for (int64_t k = 0; k < nv; k += kLanes) {
-          store8(daj + k, load8(daj + k) + ((g0 * load8(xd[0] + k) + g1 * load8(xd[1] + k)) +
-                                            (g2 * load8(xd[2] + k) + g3 * load8(xd[3] + k))));
-        }
-        for (int64_t k = nv; k < n; ++k) daj[k] += (g0 * xd[0][k] + g1 * xd[1][k]) + (g2 * xd[2][k] + g3 * xd[3][k]);
+      int64_t j = 0;
+      for (; j + 2 <= r; j += 2) {
+        float g[kRows][2];
+        for (int64_t i = 0; i < kRows; ++i) g[i][0] = g_at(i, j), g[i][1] = g_at(i, j + 1);
+        float* out[2] = {da_part + j * Kp + k0, da_part + (j + 1) * Kp + k0};
+        rank_update<2>(xd, g, nvu, out);
+      }
+      if (j < r) {
+        float g[kRows][1];
+        for (int64_t i = 0; i < kRows; ++i) g[i][0] = g_at(i, j);
+        float* out[1] = {da_part + j * Kp + k0};
+        rank_update<1>(xd, g, nvu, out);
       }
     }
     if (dx != nullptr) {
+      // delta[i][k] = sum_j dS[i, j] A[j, k]: 4 rows x 8 columns of accumulators, A loaded once per j.
+      for (int64_t k = 0; k < nvu; k += kLanes) {
+        v8 acc0 = splat(0), acc1 = splat(0), acc2 = splat(0), acc3 = splat(0);
+        for (int64_t j = 0; j < r; ++j) {
+          const v8 av = load8(a + j * Kp + k0 + k);
+          acc0 += g_at(0, j) * av;
+          acc1 += g_at(1, j) * av;
+          acc2 += g_at(2, j) * av;
+          acc3 += g_at(3, j) * av;
+        }
+        store8(delta[0] + k, acc0);
+        store8(delta[1] + k, acc1);
+        store8(delta[2] + k, acc2);
+        store8(delta[3] + k, acc3);
+      }
       for (int64_t i = 0; i < rows; ++i) {
-        const float* dsi = ds + (row0 + i) * r;
-        for (int64_t k = 0; k < nv; k += kLanes) {
-          v8 acc = splat(0);
-          for (int64_t j = 0; j < r; ++j) acc += dsi[j] * load8(a + j * K + k0 + k);
-          store8(delta + k, acc);
-        }
-        for (int64_t k = nv; k < n; ++k) {
-          float acc = 0.0f;
-          for (int64_t j = 0; j < r; ++j) acc += dsi[j] * a[j * K + k0 + k];
-          delta[k] = acc;
-        }
         T* dxi = dx + (row0 + i) * lddx + k0;
-        for (int64_t k = 0; k < n; ++k) dxi[k] = static_cast<T>(static_cast<float>(dxi[k]) + factor[i][k] * delta[k]);
+        for (int64_t k = 0; k < n; ++k) {
+          dxi[k] = static_cast<T>(static_cast<float>(dxi[k]) + factor[i][k] * delta[i][k]);
+        }
       }
     }
   }
@@ -328,9 +405,9 @@ Tensor lora_dx_da_cpu(const std::optional<Tensor>& dx_opt, const Tensor& x_in, c
               a_in.sizes(), " do not fit together");
   const Dropout d = make_dropout(seed, dropout_p);
   const Tensor x = unit_col_stride(x_in);
-  const Tensor ds = as_fp32_contiguous(ds_in);
-  const Tensor a = as_fp32_contiguous(a_in);
-  const int64_t M = x.size(0), K = x.size(1), r = a.size(0);
+  const Tensor ds = padded_rows(ds_in);
+  const Tensor a = padded_columns(a_in);
+  const int64_t M = x.size(0), K = x.size(1), r = a.size(0), Kp = a.size(1);
   const bool has_dx = dx_opt.has_value() && dx_opt->defined();
   if (has_dx) {
     TORCH_CHECK(dx_opt->sizes() == x.sizes() && dx_opt->scalar_type() == x.scalar_type() && dx_opt->stride(1) == 1,
@@ -338,7 +415,7 @@ Tensor lora_dx_da_cpu(const std::optional<Tensor>& dx_opt, const Tensor& x_in, c
                 x.scalar_type(), " with unit column stride; got ", dx_opt->sizes(), " ", dx_opt->scalar_type());
   }
   const int64_t parts = partition_count(M);
-  Tensor da_parts = need_da ? at::zeros({parts, r, K}, ds.options()) : Tensor();
+  Tensor da_parts = need_da ? at::zeros({parts, r, Kp}, ds.options()) : Tensor();
   if (M > 0 && (has_dx || need_da)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_dx_da", [&] {
       scalar_t* dxp = has_dx ? dx_opt->mutable_data_ptr<scalar_t>() : nullptr;
@@ -346,18 +423,19 @@ Tensor lora_dx_da_cpu(const std::optional<Tensor>& dx_opt, const Tensor& x_in, c
       const int64_t blocks = (M + kRows - 1) / kRows;
       at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
         for (int64_t part = begin; part < end; ++part) {
-          float* da_part = need_da ? da_parts.mutable_data_ptr<float>() + part * r * K : nullptr;
+          float* da_part = need_da ? da_parts.mutable_data_ptr<float>() + part * r * Kp : nullptr;
           for (int64_t blk = part * blocks / parts; blk < (part + 1) * blocks / parts; ++blk) {
             const int64_t row0 = blk * kRows;
             dx_da_block(dxp, lddx, x.const_data_ptr<scalar_t>(), x.stride(0), row0, std::min(kRows, M - row0), K,
-                        ds.const_data_ptr<float>(), a.const_data_ptr<float>(), r, d, da_part);
+                        ds.const_data_ptr<float>(), a.const_data_ptr<float>(), Kp, r, d, da_part);
           }
         }
       });
     });
   }
   if (!need_da) return at::empty({0}, ds.options());
-  return parts == 1 ? da_parts[0] : da_parts.sum(0);
+  const Tensor da = parts == 1 ? da_parts[0] : da_parts.sum(0);
+  return Kp == K ? da : da.narrow(1, 0, K).contiguous();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
