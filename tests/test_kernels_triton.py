@@ -128,7 +128,7 @@ def test_gate_off_launches_no_lora_kernel(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a LoRA kernel was launched with the gate off")
 
-    for name in ("_launch_x_pass", "_launch_gemm", "_launch_ds_db"):
+    for name in ("launch_x_pass", "launch_gemm", "launch_dy_reductions"):
         monkeypatch.setattr(lora_triton, name, boom)
     t = _make(20, 24, 16, 4, F32, F32, True, True, False)
     y, s, grads = _run(t, False, 2.0, False, 0.1, 7)
