@@ -9,7 +9,7 @@ STAMP := $(VENV)/.coto-installed
 BENCH_ARGS ?=
 PAPER_ARGS ?=
 
-.PHONY: setup test lint bench bench-pytest bench-checkpointing gpu-check paper paper-smoke clean
+.PHONY: setup test lint bench bench-pytest bench-checkpointing gpu-check paper paper-smoke peer-test peer-test-fast clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,15 @@ paper: $(STAMP)
 
 paper-smoke: $(STAMP)
 	$(PY) -m bench.paper_experiment --smoke --out results/paper-smoke
+
+# PEFT's own LoRA tests, unpatched vs patched (bench/peer/run.py): the full selection, and the CI subset.
+peer-test: $(STAMP)
+	$(PY) -m pip install -q -e ".[peer]"
+	$(PY) bench/peer/run.py
+
+peer-test-fast: $(STAMP)
+	$(PY) -m pip install -q -e ".[peer]"
+	$(PY) bench/peer/run.py --fast
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

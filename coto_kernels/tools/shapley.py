@@ -34,6 +34,7 @@ from torch import nn
 
 from ..benchmarking import save_plot
 from ..gates import block_prefix
+from .checks import integer
 from .prune import adapter_blocks, lora_modules, projection_of, pruned
 
 ValueFn = Callable[[frozenset], float]
@@ -83,8 +84,8 @@ def shapley_values(
     players = list(players)
     if len(set(players)) != len(players) or not players:
         raise ValueError("players must be a non-empty list of distinct names")
-    if n_samples < 2:
-        raise ValueError("n_samples must be >= 2 for a standard error")
+    n_samples = integer("n_samples", n_samples, minimum=2)  # two at least, for a standard error
+    seed = integer("seed", seed)
     v = _Memo(value)
     n = len(players)
     generator = torch.Generator().manual_seed(seed)
