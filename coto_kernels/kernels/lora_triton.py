@@ -332,10 +332,10 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, smem_limi
 
     def launchable(cfg: triton.Config) -> bool:
         per_thread = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] // (32 * cfg.num_warps)
-        # The dX GEMM's dropout prologue hashes the whole tile while the accumulator is live: with 128
-        # accumulator elements per thread ptxas spills (sm_90: 255 registers + 72-160 B stack), with 64 it does not.
+        # 128 accumulator elements per thread spill with the dX dropout prologue (sm_90: 255 registers + 72-160 B
+        # stack) and on the pointer main loop of sm_80 (dX 128x128/4 warps, DoRA's A_COL_SCALE 128x256): 64 do not.
         return (gemm_smem_bytes(cfg, elem, r_block) <= smem_limit and cfg.kwargs["BLOCK_M"] <= max(64, m_bucket)
-                and (per_thread <= 64 or not args["LORA_DROPOUT"]))
+                and (per_thread <= 64 or not (args["LORA_DROPOUT"] or not args["USE_TMA"])))
 
     kept = [cfg for cfg in configs if launchable(cfg)]
     return kept or [min(configs, key=lambda cfg: gemm_smem_bytes(cfg, elem, r_block))]
