@@ -376,7 +376,8 @@ def test_skinny_tiles_fit_every_rank(monkeypatch, kernel):
 def test_gemm_configs_pruned_to_what_launches():
     configs = lora_triton.gemm_configs(for_interpreter=False)
     sm80 = 163 * 1024
-    args = dict(c_ptr=torch.empty(1, 1, dtype=BF16), CDT=None, M_BUCKET=16384, LORA_DROPOUT=False, USE_TMA=True)
+    args = dict(c_ptr=torch.empty(1, 1, dtype=BF16), CDT=None, M_BUCKET=16384, LORA_DROPOUT=False, USE_TMA=True,
+                STORE_Z=False)
     assert lora_triton.prune_gemm_configs(configs, dict(args, R_BLOCK=16), smem_limit=227 * 1024) == configs
     at_256 = lora_triton.prune_gemm_configs(configs, dict(args, R_BLOCK=256), smem_limit=sm80)
     assert at_256 and all(lora_triton.gemm_smem_bytes(c, 2, 256) <= sm80 for c in at_256)

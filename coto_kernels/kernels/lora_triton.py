@@ -332,10 +332,10 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, smem_limi
 
     def launchable(cfg: triton.Config) -> bool:
         per_thread = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] // (32 * cfg.num_warps)
-        # 128 accumulator elements per thread spill with the dX dropout prologue (sm_90: 255 registers + 72-160 B
-        # stack) and on the pointer main loop of sm_80 (dX 128x128/4 warps, DoRA's A_COL_SCALE 128x256): 64 do not.
+        # 128 accumulator elements per thread spill with the dX dropout prologue, DoRA's STORE_Z epilogue (sm_90)
+        # and the pointer main loop of sm_80 (dX 128x128/4 warps, A_COL_SCALE 128x256/8): 64 do not (ptxas -v).
         return (gemm_smem_bytes(cfg, elem, r_block) <= smem_limit and cfg.kwargs["BLOCK_M"] <= max(64, m_bucket)
-                and (per_thread <= 64 or not (args["LORA_DROPOUT"] or not args["USE_TMA"])))
+                and (per_thread <= 64 or (args["USE_TMA"] and not args["LORA_DROPOUT"] and not args["STORE_Z"])))
 
     kept = [cfg for cfg in configs if launchable(cfg)]
     return kept or [min(configs, key=lambda cfg: gemm_smem_bytes(cfg, elem, r_block))]
@@ -607,7 +607,7 @@ class SkinnyConfig:
 
 
 def skinny_config(kernel: str, r_block: int, x_bytes: int, side_bytes: int) -> SkinnyConfig:
-    """The tile of ``kernel`` ("s", "da" or "ds_db") at padded rank ``r_block``.
+    """The tile of ``kernel`` ("s", "da", "ds_db", or "dora_ds_db": the dY pass with DoRA's flags) at ``r_block``.
 
     ``x_bytes``: element size of the streamed tile (X or dY); ``side_bytes``: of the rank-wide operand streamed
     with it (A, dS (fp32) or B). The fp32 accumulator (BLOCK x r_block) is held to 64 registers per thread by
@@ -616,17 +616,19 @@ def skinny_config(kernel: str, r_block: int, x_bytes: int, side_bytes: int) -> S
     """
     if INTERPRET:
         return SkinnyConfig(64, 64, 4, 1)
-    if kernel == "ds_db":
+    if kernel in ("ds_db", "dora_ds_db"):
         # Tall row-blocks while the rank is small: dB atomics scale with M / BLOCK_M.
         # Both accumulators (dS: block_m x r, dB: block x r) stay within 96 fp32 registers per thread: at r = 128
-        # a 128-row tile spilled on sm_80 (255 registers + 32 B stack), 64 rows did not.
-        block_m, block = min(256, max(64, 8192 // r_block)), min(64, 8192 // r_block)
+        # a 128-row tile spilled on sm_80 (255 registers + 32 B stack), 64 rows did not. DoRA's pass also holds
+        # the fp32 dY and saved-output tiles: 256 rows spilled on sm_90 at r = 16 (48 B stack), 128 rows did not.
+        block_m = min(256 if kernel == "ds_db" else 128, max(64, 8192 // r_block))
+        block = min(64, 8192 // r_block)
         resident = block_m * r_block * x_bytes  # s * S, the dB MMA's operand, loaded once
     else:
         block_m, block = 64, 128 if r_block <= 64 else 64
         resident = 0
     accumulator_rows = block if kernel == "da" else block_m
-    num_warps = 8 if kernel == "ds_db" or accumulator_rows * r_block > 64 * 64 else 4
+    num_warps = 8 if kernel in ("ds_db", "dora_ds_db") or accumulator_rows * r_block > 64 * 64 else 4
 
     def stage_bytes(blk: int) -> int:
         side_rows = block_m if kernel == "da" else blk
@@ -786,7 +788,8 @@ def launch_dy_reductions(dy: Tensor, lora_b: Tensor, s: Tensor | None, scaling: 
             dots = (dy * saved).sum(0, dtype=torch.float32)
         if not need_ds:
             return DyReductions(None, db, colsum, dy_colsum, dots)
-    plan = _SkinnyPlan.of("ds_db", r, dy, lora_b, (m, r) if need_ds else None)
+    dora = col_scale is not None or saved is not None
+    plan = _SkinnyPlan.of("dora_ds_db" if dora else "ds_db", r, dy, lora_b, (m, r) if need_ds else None)
     compute_db, compute_colsum = need.dlora and not deterministic, need_colsum and not deterministic
     compute_dy_colsum, compute_dm = need_dy_colsum and not deterministic, saved is not None and not deterministic
     f32 = dict(device=dy.device, dtype=torch.float32)
