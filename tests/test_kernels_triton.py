@@ -128,7 +128,7 @@ def test_gate_off_launches_no_lora_kernel(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a LoRA kernel was launched with the gate off")
 
-    for name in ("_launch_x_pass", "_launch_gemm", "_launch_ds_db"):
+    for name in ("launch_x_pass", "launch_gemm", "launch_dy_reductions"):
         monkeypatch.setattr(lora_triton, name, boom)
     t = _make(20, 24, 16, 4, F32, F32, True, True, False)
     y, s, grads = _run(t, False, 2.0, False, 0.1, 7)
@@ -376,7 +376,8 @@ def test_skinny_tiles_fit_every_rank(monkeypatch, kernel):
 def test_gemm_configs_pruned_to_what_launches():
     configs = lora_triton.gemm_configs(for_interpreter=False)
     sm80 = 163 * 1024
-    args = dict(c_ptr=torch.empty(1, 1, dtype=BF16), CDT=None, M_BUCKET=16384, LORA_DROPOUT=False)
+    args = dict(c_ptr=torch.empty(1, 1, dtype=BF16), CDT=None, M_BUCKET=16384, LORA_DROPOUT=False, USE_TMA=True,
+                STORE_Z=False)
     assert lora_triton.prune_gemm_configs(configs, dict(args, R_BLOCK=16), smem_limit=227 * 1024) == configs
     at_256 = lora_triton.prune_gemm_configs(configs, dict(args, R_BLOCK=256), smem_limit=sm80)
     assert at_256 and all(lora_triton.gemm_smem_bytes(c, 2, 256) <= sm80 for c in at_256)
@@ -385,6 +386,9 @@ def test_gemm_configs_pruned_to_what_launches():
     assert small_m and all(c.kwargs["BLOCK_M"] <= 128 for c in small_m)
     dropout = lora_triton.prune_gemm_configs(configs, dict(args, R_BLOCK=16, LORA_DROPOUT=True), smem_limit=sm80)
     assert dropout and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps for c in dropout)
+    pointer = lora_triton.prune_gemm_configs(configs, dict(args, R_BLOCK=16, USE_TMA=False), smem_limit=sm80)
+    assert pointer and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps for c in pointer)
+    assert len(pointer) < len(configs)
 
 
 def test_dropout_mask():

@@ -7,8 +7,9 @@
   dropout-fused parts; needs the extension built by ``setup.py`` (``python -m coto_kernels.kernels`` says
   whether it is, and why not).
 
-DoRA kernel modules (``dora_<name>``, contract ``interface.DoraBackend``): ``dora_torch`` only so far; every
-backend name runs it (its GEMMs are cuBLAS / MKL through PyTorch). ``load_dora_backend(name)`` imports it.
+DoRA kernel modules (``dora_<name>``, contract ``interface.DoraBackend``): ``dora_torch`` (its GEMMs are cuBLAS /
+MKL through PyTorch; the backends without a DoRA module of their own run it) and ``dora_triton`` (lora_triton's
+kernels with DoRA's column-scale flags). ``load_dora_backend(name)`` imports one.
 
 ``dropout_mask`` defines the dropout mask all of them regenerate. ``load_backend(name)`` imports a backend
 module; ``backend_status()`` tells which are usable here and why one is not.
@@ -63,12 +64,15 @@ def load_backend(name: str) -> ModuleType:
 
 
 #: Backends with their own DoRA kernel module; the others use the first of these.
-DORA_KERNEL_BACKENDS = ("torch",)
+DORA_KERNEL_BACKENDS = ("torch", "triton")
 
 
 def load_dora_backend(name: str) -> ModuleType:
-    """The DoRA kernel module for backend ``name`` (``interface.DoraBackend``); ``dora_torch`` until others exist."""
+    """The DoRA kernel module for backend ``name`` (``interface.DoraBackend``): ``dora_<name>`` when it exists,
+    else ``dora_torch``; RuntimeError saying why when the backend itself is unavailable here."""
     if name not in KERNEL_BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; expected one of {KERNEL_BACKENDS}")
     chosen = name if name in DORA_KERNEL_BACKENDS else DORA_KERNEL_BACKENDS[0]
+    if chosen != "torch":
+        load_backend(chosen)  # the LoRA kernels it is built on: a clear error when their toolchain is missing
     return importlib.import_module(f"{__name__}.dora_{chosen}")

@@ -40,8 +40,8 @@ from .dropout_mask import dropout_keep_mask
 from .interface import DoraGrads, GradRequest, LoraOptions, weight_nk
 
 __all__ = [
-    "CANCELLATION_GUARD", "clear_weight_norm_cache", "dora_backward", "dora_forward", "dora_row_norm",
-    "dropout_keep_mask", "weight_row_norms_squared",
+    "CANCELLATION_GUARD", "clear_weight_norm_cache", "column_scale", "dora_backward", "dora_forward", "dora_row_norm",
+    "dropout_keep_mask", "dropped_input", "magnitude_grad_from_dots", "weight_row_norms_squared",
 ]
 
 #: Rows whose expanded n_j^2 falls below this fraction of ||W_j||^2 + ||s (BA)_j||^2 are recomputed exactly.
@@ -179,13 +179,30 @@ def _magnitude_grad(
 ) -> Tensor:
     """dm = sum_rows(dY * Z) / n, from the saved Z (dropout or bias) or the saved output Y (module docstring)."""
     if z is not None:
-        return ((dy * z).sum(0, dtype=torch.float32) / norm).to(magnitude.dtype)
+        return magnitude_grad_from_dots(
+            (dy * z).sum(0, dtype=torch.float32), None, from_z=True, dy=dy, x=x, weight_rows=weight_rows, bias=bias,
+            lora_b=lora_b, lora_bias=lora_bias, magnitude=magnitude, norm=norm, s=s, scaling=scaling)
     if y is None:
         raise RuntimeError("DoRA backward: the magnitude gradient without dropout needs the saved output y")
+    return magnitude_grad_from_dots(
+        (dy * y).sum(0, dtype=torch.float32), dy.sum(0, dtype=torch.float32) if bias is not None else None,
+        from_z=False, dy=dy, x=x, weight_rows=weight_rows, bias=bias, lora_b=lora_b, lora_bias=lora_bias,
+        magnitude=magnitude, norm=norm, s=s, scaling=scaling)
+
+
+def magnitude_grad_from_dots(
+    column_dots: Tensor, dy_colsum: Tensor | None, *, from_z: bool, dy: Tensor, x: Tensor, weight_rows: Tensor,
+    bias: Tensor | None, lora_b: Tensor, lora_bias: Tensor | None, magnitude: Tensor, norm: Tensor, s: Tensor,
+    scaling: float,
+) -> Tensor:
+    """dm from ``column_dots`` (fp32 [N]) = sum_rows(dY * Z) (``from_z``) or sum_rows(dY * Y) (Y saved; then
+    ``dy_colsum`` = sum_rows(dY) when there is a bias). A backend whose dY pass computes those sums (one read of
+    dY) finishes here: / n, or (Y - bias) / m with the m_j = 0 columns recomputed from X, S and their rows of W, B."""
+    if from_z:
+        return (column_dots / norm).to(magnitude.dtype)
     m = magnitude.detach().float()
-    column_dots = (dy * y).sum(0, dtype=torch.float32)
     if bias is not None:
-        column_dots -= bias.float() * dy.sum(0, dtype=torch.float32)
+        column_dots = column_dots - bias.float() * dy_colsum
     d_magnitude = column_dots / m
     silent = (m == 0).nonzero().squeeze(1)  # Y_j = bias_j there: recompute Z_j for those columns only
     if silent.numel():

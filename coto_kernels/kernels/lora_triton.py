@@ -9,6 +9,12 @@ Kernels, one launcher each::
     _lora_ds_db_kernel   dS = s dY B, dB = s dY^T S, colsum(dY)      one read of dY for all three
     _lora_x_pass_kernel  dA = dS^T drop(X)           the same kernel with FOR_DA: one skinny pass over X
 
+DoRA (``dora_triton``) uses the same kernels through constexpr flags: the GEMM's HAS_COL_SCALE / STORE_Z
+(per-output-column scale in the epilogue, lora_bias before it and the bias after it; the pre-scale output
+optionally stored) and A_COL_SCALE (the A operand scaled along K as it is loaded: dX = (c * dY) W), and the dY
+pass's HAS_COL_SCALE / COMPUTE_DY_COLSUM / COMPUTE_DM (dS, dB, colsum of c * dY, plus colsum(dY) and
+sum_rows(dY * saved output) from the same tiles).
+
 The dropout mask is ``coto_kernels.kernels.dropout_mask``'s hash of (seed, m*K + k), regenerated in the S pass,
 the dX accumulator seed and the dA pass (never stored). The host derives the seed keys and the threshold once
 per call; in-kernel, i*golden is split into a per-row and a per-column part so each element costs one add
@@ -49,6 +55,7 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -162,25 +169,42 @@ def _tile_coordinates(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, 
     return first_pid_m + ((tile % num_pid_in_group) % group_size_m), (tile % num_pid_in_group) // group_size_m
 
 
+@triton.jit
+def _scaled_along_k(a, a_scale_ptr, offs_k, K, CDT: tl.constexpr):
+    """A tile [BLOCK_M, BLOCK_K] times a_scale[k] along K (fp32 product, rounded once to the MMA dtype)."""
+    scale = tl.load(a_scale_ptr + offs_k, mask=offs_k < K, other=0.0)
+    return (a.to(tl.float32) * scale[None, :]).to(CDT)
+
+
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _fused_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, s_ptr, l_ptr, bias_ptr, lbias_ptr,
+    a_ptr, b_ptr, c_ptr, s_ptr, l_ptr, bias_ptr, lbias_ptr, col_scale_ptr, a_scale_ptr, z_ptr,
     M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    stride_sm, stride_sr, stride_lr, stride_ln,
+    stride_sm, stride_sr, stride_lr, stride_ln, stride_zm, stride_zn,
     lora_scale, lbias_scale, drop_scale, mask_key0, mask_key1, mask_threshold, mask_row_step,
     HAS_MAIN: tl.constexpr, LORA_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_LORA_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_LORA_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_COL_SCALE: tl.constexpr, STORE_Z: tl.constexpr,
+    A_COL_SCALE: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INT64_OFFSETS: tl.constexpr, USE_TMA: tl.constexpr, B_K_CONTIGUOUS: tl.constexpr, EVEN_K: tl.constexpr,
     R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """C[M, N] = sum_k A[m, k] B[k, n] + keep'[m, n] lora_scale (S[M, R] L[R, N]) + bias + lbias_scale lbias.
+    """C[M, N] = col_scale[n] * Z[m, n] + bias[n], where (a[k] = a_scale[k] with A_COL_SCALE, else 1)
+
+        Z[m, n] = sum_k A[m, k] a[k] B[k, n] + keep'[m, n] lora_scale (S[M, R] L[R, N]) + lbias_scale lbias[n]
+                  (+ the existing C with ACCUMULATE);  col_scale = 1 without HAS_COL_SCALE.
 
     Forward:  A = X, B = W^T (strides), S = S, L = B_lora^T, lora_scale = g*s, no mask, lbias_scale = g*s.
     dX:       A = dY, B = W (strides), S = dS (already scaled by s), L = A_lora, lora_scale = 1, keep' = the
               dropout mask of X over the output [M, K] times drop_scale = 1/(1-p).
-    HAS_MAIN=False drops the K loop (low-rank term only) and ACCUMULATE adds the existing C: the cuBLAS path.
+    DoRA forward (no dropout): HAS_COL_SCALE with col_scale = c = m / n; STORE_Z also writes the pre-scale Z
+              (what the magnitude gradient needs when Y - bias would cancel). The bias comes after the scale,
+              lora_bias before it.
+    DoRA dX (no dropout): A_COL_SCALE with a_scale = c: each A tile (dY) is scaled along K (= N) as it is loaded,
+              so G W = (c * dY) W runs without an M x N G in memory.
+    HAS_MAIN=False drops the K loop (low-rank term only) and ACCUMULATE adds the existing C (the base GEMM,
+    without bias when HAS_COL_SCALE): the cuBLAS path.
     Schedule: program i of the grid computes output tiles i, i + grid size, ... (grouped GROUP_M row-tiles at a
     time for L2 reuse): one tile each when the grid is the tile count, persistent when it is the SM count.
     Main loop: pointer loads (cp.async on sm_80/sm_90), or with USE_TMA tensor-descriptor loads (TMA on sm_90;
@@ -219,6 +243,8 @@ def _fused_gemm_kernel(
             if USE_TMA:  # out-of-bounds rows/columns/K read as zeros
                 for k in range(0, tl.cdiv(K, BLOCK_K)):
                     a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+                    if A_COL_SCALE:
+                        a = _scaled_along_k(a, a_scale_ptr, k * BLOCK_K + tl.arange(0, BLOCK_K), K, CDT)
                     if B_K_CONTIGUOUS:
                         b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K]).T
                     else:
@@ -239,19 +265,26 @@ def _fused_gemm_kernel(
                         k_left = K - k * BLOCK_K
                         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
                         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+                    if A_COL_SCALE:
+                        a = _scaled_along_k(a, a_scale_ptr, k * BLOCK_K + offs_k, K, CDT)
                     acc = tl.dot(a.to(CDT), b.to(CDT), acc, input_precision=DOT_PRECISION)
                     a_ptrs += BLOCK_K * stride_ak
                     b_ptrs += BLOCK_K * stride_bk
 
         n_mask = offs_n < N
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_LORA_BIAS:
-            acc += lbias_scale * tl.load(lbias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
         c_mask = (offs_m[:, None] < M) & n_mask[None, :]
         if ACCUMULATE:
             acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+        if HAS_LORA_BIAS:
+            acc += lbias_scale * tl.load(lbias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if STORE_Z:
+            tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn,
+                     acc.to(z_ptr.dtype.element_ty), mask=c_mask)
+        if HAS_COL_SCALE:
+            acc *= tl.load(col_scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
@@ -299,10 +332,10 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, smem_limi
 
     def launchable(cfg: triton.Config) -> bool:
         per_thread = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] // (32 * cfg.num_warps)
-        # The dX GEMM's dropout prologue hashes the whole tile while the accumulator is live: with 128
-        # accumulator elements per thread ptxas spills (sm_90: 255 registers + 72-160 B stack), with 64 it does not.
+        # 128 accumulator elements per thread spill with the dX dropout prologue, DoRA's STORE_Z epilogue (sm_90)
+        # and the pointer main loop of sm_80 (dX 128x128/4 warps, A_COL_SCALE 128x256/8): 64 do not (ptxas -v).
         return (gemm_smem_bytes(cfg, elem, r_block) <= smem_limit and cfg.kwargs["BLOCK_M"] <= max(64, m_bucket)
-                and (per_thread <= 64 or not args["LORA_DROPOUT"]))
+                and (per_thread <= 64 or (args["USE_TMA"] and not args["LORA_DROPOUT"] and not args["STORE_Z"])))
 
     kept = [cfg for cfg in configs if launchable(cfg)]
     return kept or [min(configs, key=lambda cfg: gemm_smem_bytes(cfg, elem, r_block))]
@@ -311,7 +344,8 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, smem_limi
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 _fused_gemm = triton.autotune(
     configs=gemm_configs(),
-    key=["M_BUCKET", "N", "K", "LORA_DROPOUT", "HAS_MAIN", "R_BLOCK", "USE_TMA"],
+    key=["M_BUCKET", "N", "K", "LORA_DROPOUT", "HAS_MAIN", "R_BLOCK", "USE_TMA", "A_COL_SCALE", "HAS_COL_SCALE",
+         "STORE_Z"],
     prune_configs_by={"early_config_prune": prune_gemm_configs},
 )(_even_k(_fused_gemm_kernel))
 
@@ -370,12 +404,13 @@ def _lora_x_pass_kernel(
 
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _lora_ds_db_kernel(
-    dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, colsum_ptr,
+    dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, colsum_ptr, col_scale_ptr, dy_colsum_ptr, saved_ptr, dots_ptr,
     M, N, R, blocks_per_split,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
-    stride_split, stride_ds0, stride_ds1, stride_dbn, stride_dbr,
+    stride_split, stride_ds0, stride_ds1, stride_dbn, stride_dbr, stride_savedm, stride_savedn,
     scaling,
     COMPUTE_DS: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_COLSUM: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr, COMPUTE_DY_COLSUM: tl.constexpr, COMPUTE_DM: tl.constexpr,
     SPLIT_ATOMIC: tl.constexpr, INT64_OFFSETS: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -384,6 +419,11 @@ def _lora_ds_db_kernel(
         dS[M, R]  = s * dY[M, N] @ B[N, R]        (over N: in registers; N-splits as in the S kernel)
         dB[N, R] += dY^T[N, BLOCK_M] @ (s * S)    (over M: relaxed fp32 atomics, one per row-block and element)
         colsum[N] += sum_rows(dY)                 (over M: relaxed fp32 atomics; gives d_bias and d_lora_bias)
+
+    DoRA (HAS_COL_SCALE): each dY tile is scaled by col_scale = c as it is read, so the three above take
+    G = c * dY (colsum(G) gives d_lora_bias); from the same unscaled tile COMPUTE_DY_COLSUM adds sum_rows(dY)
+    (d_bias) into dy_colsum and COMPUTE_DM adds sum_rows(dY * saved) (saved = Y or Z: the magnitude gradient's
+    numerator) into dots, both relaxed fp32 atomics over M like colsum.
 
     Grid (cdiv(M, BLOCK_M), splits): program (i, j) owns row-block i and N-blocks
     [j * blocks_per_split, ...). Its walk over those N-blocks starts at an offset set by i, so concurrent
@@ -407,7 +447,16 @@ def _lora_ds_db_kernel(
         offs_n = _offsets(nb_start + (i + pid_m) % nb_count, BLOCK_N, INT64_OFFSETS)
         n_mask = offs_n < N
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                     mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(CDT)
+                     mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        if COMPUTE_DY_COLSUM:
+            _store_or_add(dy_colsum_ptr + offs_n, tl.sum(dy.to(tl.float32), axis=0), n_mask, True)
+        if COMPUTE_DM:
+            saved = tl.load(saved_ptr + offs_m[:, None] * stride_savedm + offs_n[None, :] * stride_savedn,
+                            mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+            _store_or_add(dots_ptr + offs_n, tl.sum(dy.to(tl.float32) * saved.to(tl.float32), axis=0), n_mask, True)
+        if HAS_COL_SCALE:
+            dy = dy.to(tl.float32) * tl.load(col_scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+        dy = dy.to(CDT)
         if COMPUTE_DS:
             b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                         mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(CDT)
@@ -442,7 +491,7 @@ def default_cublas_below_m() -> int:
     return value
 
 
-def _resolve_cublas_below_m(cublas_below_m: int | None) -> int:
+def resolve_cublas_below_m(cublas_below_m: int | None) -> int:
     if cublas_below_m is None:
         return default_cublas_below_m()
     if cublas_below_m < 0:
@@ -468,7 +517,7 @@ def _warn_rank_fallback_once() -> None:
                   "the torch backend (same math and dropout mask)", stacklevel=4)
 
 
-def _uses_torch_backend(x: Tensor, rank: int) -> bool:
+def uses_torch_backend(x: Tensor, rank: int) -> bool:
     """Calls the Triton kernels do not take (see the module docstring): too large a rank, or IEEE fp32."""
     if rank > MAX_RANK:
         _warn_rank_fallback_once()
@@ -558,7 +607,7 @@ class SkinnyConfig:
 
 
 def skinny_config(kernel: str, r_block: int, x_bytes: int, side_bytes: int) -> SkinnyConfig:
-    """The tile of ``kernel`` ("s", "da" or "ds_db") at padded rank ``r_block``.
+    """The tile of ``kernel`` ("s", "da", "ds_db", or "dora_ds_db": the dY pass with DoRA's flags) at ``r_block``.
 
     ``x_bytes``: element size of the streamed tile (X or dY); ``side_bytes``: of the rank-wide operand streamed
     with it (A, dS (fp32) or B). The fp32 accumulator (BLOCK x r_block) is held to 64 registers per thread by
@@ -567,17 +616,19 @@ def skinny_config(kernel: str, r_block: int, x_bytes: int, side_bytes: int) -> S
     """
     if INTERPRET:
         return SkinnyConfig(64, 64, 4, 1)
-    if kernel == "ds_db":
+    if kernel in ("ds_db", "dora_ds_db"):
         # Tall row-blocks while the rank is small: dB atomics scale with M / BLOCK_M.
         # Both accumulators (dS: block_m x r, dB: block x r) stay within 96 fp32 registers per thread: at r = 128
-        # a 128-row tile spilled on sm_80 (255 registers + 32 B stack), 64 rows did not.
-        block_m, block = min(256, max(64, 8192 // r_block)), min(64, 8192 // r_block)
+        # a 128-row tile spilled on sm_80 (255 registers + 32 B stack), 64 rows did not. DoRA's pass also holds
+        # the fp32 dY and saved-output tiles: 256 rows spilled on sm_90 at r = 16 (48 B stack), 128 rows did not.
+        block_m = min(256 if kernel == "ds_db" else 128, max(64, 8192 // r_block))
+        block = min(64, 8192 // r_block)
         resident = block_m * r_block * x_bytes  # s * S, the dB MMA's operand, loaded once
     else:
         block_m, block = 64, 128 if r_block <= 64 else 64
         resident = 0
     accumulator_rows = block if kernel == "da" else block_m
-    num_warps = 8 if kernel == "ds_db" or accumulator_rows * r_block > 64 * 64 else 4
+    num_warps = 8 if kernel in ("ds_db", "dora_ds_db") or accumulator_rows * r_block > 64 * 64 else 4
 
     def stage_bytes(blk: int) -> int:
         side_rows = block_m if kernel == "da" else blk
@@ -618,7 +669,7 @@ class _Dropout:
                     mask_threshold=self.threshold, mask_row_step=self.row_step, LORA_DROPOUT=self.enabled)
 
 
-_NO_DROPOUT = _Dropout(enabled=False, scale=1.0, key0=0, key1=0, threshold=-(2**31), row_step=0)
+NO_DROPOUT = _Dropout(enabled=False, scale=1.0, key0=0, key1=0, threshold=-(2**31), row_step=0)
 
 
 @dataclass
@@ -680,7 +731,7 @@ class _SkinnyPlan:
         return self.out.result() if self.out is not None else None
 
 
-def _launch_x_pass(x: Tensor, side: Tensor, dropout: _Dropout, *, for_da: bool) -> Tensor:
+def launch_x_pass(x: Tensor, side: Tensor, dropout: _Dropout, *, for_da: bool) -> Tensor:
     """S = drop(X) A^T (fp32 [M, r]; side = A) or dA = dS^T drop(X) (fp32 [r, K]; side = dS)."""
     m, k = x.shape
     r = side.shape[1] if for_da else side.shape[0]
@@ -697,73 +748,114 @@ def _launch_x_pass(x: Tensor, side: Tensor, dropout: _Dropout, *, for_da: bool) 
     return plan.result()
 
 
-def _launch_ds_db(dy: Tensor, lora_b: Tensor, s: Tensor | None, scaling: float, need: GradRequest,
-                  compute_dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(dS = s dY B, dB = s dY^T S, colsum(dY)), fp32, each None when not needed."""
+class DyReductions(NamedTuple):
+    """The reductions of one read of dY (fp32; None where not requested)."""
+
+    ds: Tensor | None
+    """dS = s G B [M, r]."""
+    db: Tensor | None
+    """dB = s G^T S [N, r]."""
+    colsum: Tensor | None
+    """sum_rows(G) [N]."""
+    dy_colsum: Tensor | None
+    """sum_rows(dY) [N] (DoRA only: for LoRA, G = dY and ``colsum`` is it)."""
+    dots: Tensor | None
+    """sum_rows(dY * saved) [N] (DoRA's magnitude gradient numerator)."""
+
+
+def launch_dy_reductions(dy: Tensor, lora_b: Tensor, s: Tensor | None, scaling: float, need: GradRequest,
+                         compute_dtype: torch.dtype, *, col_scale: Tensor | None = None,
+                         need_dy_colsum: bool = False, saved: Tensor | None = None) -> DyReductions:
+    """One pass over dY (``_lora_ds_db_kernel``): dS, dB and colsum of G = col_scale * dY (G = dY without
+    ``col_scale``), plus sum_rows(dY) with ``need_dy_colsum`` and sum_rows(dY * saved) when ``saved`` is given."""
     m, n = dy.shape
     r = lora_b.shape[1]
     need_ds = need.dx or need.dlora
-    need_colsum = need.dbias or need.dlora_bias
+    need_colsum = need.dlora_bias or (need.dbias and col_scale is None)
+    need_dy_colsum = need_dy_colsum and col_scale is not None
     deterministic = torch.are_deterministic_algorithms_enabled()
-    db = colsum = None
-    if deterministic:  # dB and colsum reduce over M across programs: fixed-order torch ops instead of atomics
+    db = colsum = dy_colsum = dots = None
+    if deterministic:  # the reductions over M across programs: fixed-order torch ops instead of atomics
+        g = dy if col_scale is None else dy * col_scale.to(dy.dtype)
         if need.dlora:
             dt = torch.promote_types(dy.dtype, lora_b.dtype)
-            db = (dy.to(dt).t() @ (s * scaling).to(dt)).float()
+            db = (g.to(dt).t() @ (s * scaling).to(dt)).float()
         if need_colsum:
-            colsum = dy.sum(0, dtype=torch.float32)
+            colsum = g.sum(0, dtype=torch.float32)
+        if need_dy_colsum:
+            dy_colsum = dy.sum(0, dtype=torch.float32)
+        if saved is not None:
+            dots = (dy * saved).sum(0, dtype=torch.float32)
         if not need_ds:
-            return None, db, colsum
-    plan = _SkinnyPlan.of("ds_db", r, dy, lora_b, (m, r) if need_ds else None)
+            return DyReductions(None, db, colsum, dy_colsum, dots)
+    dora = col_scale is not None or saved is not None
+    plan = _SkinnyPlan.of("dora_ds_db" if dora else "ds_db", r, dy, lora_b, (m, r) if need_ds else None)
     compute_db, compute_colsum = need.dlora and not deterministic, need_colsum and not deterministic
+    compute_dy_colsum, compute_dm = need_dy_colsum and not deterministic, saved is not None and not deterministic
     f32 = dict(device=dy.device, dtype=torch.float32)
     if compute_db:
         db = torch.zeros((n, r), **f32)
     if compute_colsum:
         colsum = torch.zeros((n,), **f32)
+    if compute_dy_colsum:
+        dy_colsum = torch.zeros((n,), **f32)
+    if compute_dm:
+        dots = torch.zeros((n,), **f32)
     unused = dy  # pointer arguments of outputs a constexpr flag switches off
     _lora_ds_db_kernel[plan.grid](
         dy_ptr=dy, b_ptr=lora_b, s_ptr=s if compute_db else unused,
         ds_ptr=plan.out.buffer if need_ds else unused, db_ptr=db if compute_db else unused,
-        colsum_ptr=colsum if compute_colsum else unused, M=m, N=n, R=r, blocks_per_split=plan.blocks_per_split,
+        colsum_ptr=colsum if compute_colsum else unused, col_scale_ptr=col_scale if col_scale is not None else unused,
+        dy_colsum_ptr=dy_colsum if compute_dy_colsum else unused, saved_ptr=saved if compute_dm else unused,
+        dots_ptr=dots if compute_dm else unused, M=m, N=n, R=r, blocks_per_split=plan.blocks_per_split,
         stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1),
         stride_sm=s.stride(0) if compute_db else 0, stride_sr=s.stride(1) if compute_db else 0,
         stride_split=plan.out.stride_split if need_ds else 0,
         stride_ds0=plan.out.out_strides()[0] if need_ds else 0, stride_ds1=plan.out.out_strides()[1] if need_ds else 0,
         SPLIT_ATOMIC=need_ds and plan.out.atomic,
         stride_dbn=db.stride(0) if compute_db else 0, stride_dbr=db.stride(1) if compute_db else 0,
+        stride_savedm=saved.stride(0) if compute_dm else 0, stride_savedn=saved.stride(1) if compute_dm else 0,
         scaling=scaling, COMPUTE_DS=need_ds, COMPUTE_DB=compute_db, COMPUTE_COLSUM=compute_colsum,
-        INT64_OFFSETS=needs_int64_offsets(dy, lora_b, s, plan.out.buffer if need_ds else None, db),
+        HAS_COL_SCALE=col_scale is not None, COMPUTE_DY_COLSUM=compute_dy_colsum, COMPUTE_DM=compute_dm,
+        INT64_OFFSETS=needs_int64_offsets(dy, lora_b, s, plan.out.buffer if need_ds else None, db, saved),
         **plan.tile_args(compute_dtype, r, "BLOCK_N"),
     )
-    return plan.result(), db, colsum
+    return DyReductions(plan.result(), db, colsum, dy_colsum, dots)
 
 
-def _launch_gemm(*, a: Tensor, b: Tensor, b_strides: tuple[int, int], out_features: int, bias: Tensor | None,
+def launch_gemm(*, a: Tensor, b: Tensor, b_strides: tuple[int, int], out_features: int, bias: Tensor | None,
                  lowrank_s: Tensor, lowrank_l: Tensor, l_strides: tuple[int, int], lora_scale: float,
                  lora_bias: Tensor | None, dropout: _Dropout, cublas_below_m: int,
-                 cublas_base: Callable[[], Tensor]) -> Tensor:
-    """C = A B_op + bias + masked low-rank term (lora_scale S L) + lora_scale lora_bias, C [M, out_features].
+                 cublas_base: Callable[[], Tensor], col_scale: Tensor | None = None,
+                 a_scale: Tensor | None = None, z_out: Tensor | None = None) -> Tensor:
+    """C = col_scale * Z + bias, Z = (A * a_scale) B_op + masked low-rank term (lora_scale S L) + lora_scale
+    lora_bias, C [M, out_features]; Z is also written to ``z_out`` when given (``_fused_gemm_kernel``).
 
-    For ``M < cublas_below_m`` C comes from ``cublas_base()`` (the base GEMM and bias on cuBLAS) and the kernel,
-    its main loop compiled out, adds the low-rank term into it (not autotuned: tuning replays would add it
-    several times)."""
+    For ``M < cublas_below_m`` the base GEMM comes from ``cublas_base()`` (A B_op on cuBLAS, + bias unless
+    ``col_scale`` is given: then the bias must follow the scale in the epilogue) and the kernel, its main loop
+    compiled out, adds the rest to it (not autotuned: tuning replays would add it several times). With
+    ``a_scale``, ``cublas_base`` must already include it."""
     m, k = a.shape
     n = out_features
     r = lowrank_s.shape[1]
     on_cublas = m < cublas_below_m
     c = cublas_base() if on_cublas else torch.empty((m, n), device=a.device, dtype=a.dtype)
+    bias_in_kernel = bias is not None and (not on_cublas or col_scale is not None)
     args = dict(
         a_ptr=a, b_ptr=b, c_ptr=c, s_ptr=lowrank_s, l_ptr=lowrank_l,
-        bias_ptr=bias if bias is not None and not on_cublas else c, lbias_ptr=lora_bias if lora_bias is not None else c,
+        bias_ptr=bias if bias_in_kernel else c, lbias_ptr=lora_bias if lora_bias is not None else c,
+        col_scale_ptr=col_scale if col_scale is not None else c, a_scale_ptr=a_scale if a_scale is not None else c,
+        z_ptr=z_out if z_out is not None else c,
         M=m, N=n, K=k, R=r, M_BUCKET=min(triton.next_power_of_2(m), 16384),
         stride_am=a.stride(0), stride_ak=a.stride(1), stride_bk=b_strides[0], stride_bn=b_strides[1],
         stride_cm=c.stride(0), stride_cn=c.stride(1), stride_sm=lowrank_s.stride(0), stride_sr=lowrank_s.stride(1),
-        stride_lr=l_strides[0], stride_ln=l_strides[1], lora_scale=lora_scale, lbias_scale=lora_scale,
-        **dropout.kernel_args(),
-        HAS_MAIN=not on_cublas, HAS_BIAS=bias is not None and not on_cublas, HAS_LORA_BIAS=lora_bias is not None,
-        ACCUMULATE=on_cublas, CDT=_compute_dtype(a.dtype), DOT_PRECISION=_DOT_PRECISION,
-        INT64_OFFSETS=needs_int64_offsets(a, b, c, lowrank_s, lowrank_l), R_BLOCK=_r_block(r),
+        stride_lr=l_strides[0], stride_ln=l_strides[1],
+        stride_zm=z_out.stride(0) if z_out is not None else 0, stride_zn=z_out.stride(1) if z_out is not None else 0,
+        lora_scale=lora_scale, lbias_scale=lora_scale, **dropout.kernel_args(),
+        HAS_MAIN=not on_cublas, HAS_BIAS=bias_in_kernel, HAS_LORA_BIAS=lora_bias is not None,
+        ACCUMULATE=on_cublas, HAS_COL_SCALE=col_scale is not None, STORE_Z=z_out is not None,
+        A_COL_SCALE=a_scale is not None and not on_cublas, CDT=_compute_dtype(a.dtype), DOT_PRECISION=_DOT_PRECISION,
+        INT64_OFFSETS=needs_int64_offsets(a, b, c, lowrank_s, lowrank_l, z_out), R_BLOCK=_r_block(r),
         USE_TMA=False, B_K_CONTIGUOUS=b_strides[0] == 1,
     )
     if on_cublas:
@@ -811,17 +903,17 @@ def lora_forward(
     w_nk = weight_nk(weight, options.weight_is_kn)
     if not options.gate:
         return torch.nn.functional.linear(x, w_nk, bias), None
-    if _uses_torch_backend(x, lora_a.shape[0]):
+    if uses_torch_backend(x, lora_a.shape[0]):
         return lora_torch.lora_forward(x, weight, bias, lora_a, lora_b, lora_bias, options=options)
-    cublas_below_m = _resolve_cublas_below_m(cublas_below_m)
+    cublas_below_m = resolve_cublas_below_m(cublas_below_m)
     m = x.shape[0]
     if m == 0:
         return x.new_empty((0, w_nk.shape[0])), x.new_empty((0, lora_a.shape[0]), dtype=torch.float32)
-    s = _launch_x_pass(x, lora_a, _Dropout.of(options, x.shape[1]), for_da=False)
-    y = _launch_gemm(
+    s = launch_x_pass(x, lora_a, _Dropout.of(options, x.shape[1]), for_da=False)
+    y = launch_gemm(
         a=x, b=w_nk, b_strides=(w_nk.stride(1), w_nk.stride(0)), out_features=w_nk.shape[0], bias=bias,
         lowrank_s=s, lowrank_l=lora_b, l_strides=(lora_b.stride(1), lora_b.stride(0)), lora_scale=options.scaling,
-        lora_bias=lora_bias, dropout=_NO_DROPOUT,  # Y's low-rank term is not masked (S already is)
+        lora_bias=lora_bias, dropout=NO_DROPOUT,  # Y's low-rank term is not masked (S already is)
         cublas_below_m=cublas_below_m, cublas_base=lambda: torch.nn.functional.linear(x, w_nk, bias),
     )
     return y, s
@@ -836,29 +928,29 @@ def lora_backward(
     if not options.gate:
         return LoraGrads(dy @ w_nk if need.dx else None, None, None, dy.sum(0) if need.dbias else None, None)
     r = lora_a.shape[0]
-    if _uses_torch_backend(x, r):
+    if uses_torch_backend(x, r):
         s = s.to(lora_a.dtype) if s is not None else None  # a Triton forward's fp32 S, should TF32 have changed
         return lora_torch.lora_backward(dy, x, weight, lora_a, lora_b, s, options=options, need=need)
     if need.dlora and s is None:
         raise ValueError("lora_backward needs the S returned by lora_forward to compute the adapter gradients")
-    cublas_below_m = _resolve_cublas_below_m(cublas_below_m)
+    cublas_below_m = resolve_cublas_below_m(cublas_below_m)
     m, k = x.shape
     n = w_nk.shape[0]
     if m == 0:
         ds, db, colsum = torch.zeros((0, r), device=dy.device), torch.zeros((n, r), device=dy.device), \
             torch.zeros((n,), device=dy.device)
     else:
-        ds, db, colsum = _launch_ds_db(dy, lora_b, s, options.scaling, need, x.dtype)
+        ds, db, colsum, _, _ = launch_dy_reductions(dy, lora_b, s, options.scaling, need, x.dtype)
     dropout = _Dropout.of(options, k)
     dx = da = None
     if need.dx:
-        dx = x.new_empty((0, k)) if m == 0 else _launch_gemm(
+        dx = x.new_empty((0, k)) if m == 0 else launch_gemm(
             a=dy, b=w_nk, b_strides=(w_nk.stride(0), w_nk.stride(1)), out_features=k, bias=None,
             lowrank_s=ds, lowrank_l=lora_a, l_strides=(lora_a.stride(0), lora_a.stride(1)), lora_scale=1.0,
             lora_bias=None, dropout=dropout, cublas_below_m=cublas_below_m, cublas_base=lambda: dy @ w_nk,
         )
     if need.dlora:
-        da = torch.zeros((r, k), device=dy.device) if m == 0 else _launch_x_pass(x, ds, dropout, for_da=True)
+        da = torch.zeros((r, k), device=dy.device) if m == 0 else launch_x_pass(x, ds, dropout, for_da=True)
     return LoraGrads(
         dx=dx,
         d_lora_a=da.to(lora_a.dtype) if da is not None else None,

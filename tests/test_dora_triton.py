@@ -1,0 +1,205 @@
+"""The Triton DoRA backend (``dora_triton``) against float64 PEFT DoRA math (CPU interpreter without a GPU):
+every output and gradient, the magnitude's included, through the autograd Function and the kernel functions."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first triton.jit: the interpreter is chosen at decoration
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from reference import assert_matches, peft_dora  # noqa: E402
+
+from coto_kernels.functional_dora import dora_linear  # noqa: E402
+from coto_kernels.kernels import DORA_KERNEL_BACKENDS, load_dora_backend, lora_triton  # noqa: E402
+from coto_kernels.kernels import dora_triton as kernels  # noqa: E402
+from coto_kernels.kernels.dropout_mask import dropout_keep_mask  # noqa: E402
+from coto_kernels.kernels.interface import GradRequest, LoraOptions  # noqa: E402
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+F32, BF16 = torch.float32, torch.bfloat16
+_GRAD_NAMES = dict(x="dx", bias="d_bias", lora_a="d_lora_a", lora_b="d_lora_b", lora_bias="d_lora_bias",
+                   magnitude="d_magnitude")
+
+
+@pytest.fixture(autouse=True)
+def tf32_on():
+    """fp32 reaches the Triton kernels only with TF32 allowed (the interpreter computes in fp32 either way)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
+def fused_base_gemm(monkeypatch):
+    """The small test batches would run the base GEMM on cuBLAS (M < 128): run the fused main loop instead
+    (``test_cublas_base_path_and_saved_y_with_bias`` covers the cuBLAS path explicitly)."""
+    monkeypatch.setenv(lora_triton.CUBLAS_BELOW_M_ENV, "0")
+
+
+def _inputs(m, k, n, r, dtype, *, kn=False, bias=True, lora_bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, grad=True):
+        return (torch.randn(*shape, generator=g) / shape[-1] ** 0.25).to(dtype).to(DEVICE).requires_grad_(grad)
+
+    return dict(
+        x=rand(m, k),
+        weight=rand(k, n, grad=False) if kn else rand(n, k, grad=False),
+        bias=rand(n) if bias else None,
+        lora_a=rand(r, k),
+        lora_b=rand(n, r),
+        lora_bias=rand(n) if lora_bias else None,
+        magnitude=(torch.rand(n, generator=g) + 0.5).to(DEVICE).requires_grad_(),  # fp32, as PEFT keeps it
+    )
+
+
+def _dy(t, dtype, seed=3):
+    m, n = t["x"].shape[0], t["lora_b"].shape[0]
+    return torch.randn(m, n, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEVICE)
+
+
+def _check_layer(t, dtype, *, scaling=1.7, dropout_p=0.0, kn=False, seed=3):
+    """dora_linear(backend="triton"): y and every gradient against PEFT's formula in float64."""
+    dy = _dy(t, dtype, seed)
+    y = dora_linear(*t.values(), scaling=scaling, dropout_p=dropout_p, weight_is_kn=kn, seed=seed, backend="triton")
+    keep = dropout_keep_mask(seed, tuple(t["x"].shape), dropout_p, DEVICE) if dropout_p else None
+    ref = peft_dora(*t.values(), scaling=scaling, keep=keep, dropout_p=dropout_p, weight_is_kn=kn, dy=dy)
+    assert y.dtype == t["x"].dtype
+    assert_matches(y, ref["y"], dtype, "y")
+    y.backward(dy)
+    for name, grad_name in _GRAD_NAMES.items():
+        if t[name] is None:
+            continue
+        assert t[name].grad is not None and t[name].grad.dtype == t[name].dtype, name
+        assert_matches(t[name].grad, ref[grad_name], dtype, name)
+
+
+def test_triton_is_a_registered_dora_backend():
+    assert "triton" in DORA_KERNEL_BACKENDS
+    assert load_dora_backend("triton") is kernels
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("lora_bias", [True, False], ids=["lora_bias", "no_lora_bias"])
+@pytest.mark.parametrize("kn", [False, True], ids=["linear", "conv1d"])
+def test_layer_output_and_every_gradient_match_float64_peft(dtype, bias, lora_bias, kn):
+    """Without a bias the magnitude gradient comes from the saved Y, with one from the Z the GEMM stores."""
+    t = _inputs(37, 45, 70, 3, dtype, kn=kn, bias=bias, lora_bias=lora_bias)
+    _check_layer(t, dtype, kn=kn)
+
+
+def test_rank_16_with_several_tiles_and_bf16_base_with_fp32_adapters():
+    t = _inputs(70, 80, 66, 16, BF16, lora_bias=True)
+    for name in ("lora_a", "lora_b", "lora_bias"):
+        t[name] = t[name].detach().float().requires_grad_()
+    _check_layer(t, BF16, scaling=0.5)
+
+
+def test_zero_magnitude_columns_get_their_gradient():
+    """Y_j carries nothing of Z_j where m_j = 0: those columns of dm are recomputed, not divided by zero."""
+    t = _inputs(37, 45, 29, 3, F32, bias=False)
+    with torch.no_grad():
+        t["magnitude"][[2, 11]] = 0.0
+    _check_layer(t, F32)
+
+
+def test_gate_off_is_the_base_layer_and_launches_no_kernel(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("a DoRA kernel was launched with the gate off")
+
+    for name in ("launch_x_pass", "launch_gemm", "launch_dy_reductions"):
+        monkeypatch.setattr(lora_triton, name, boom)
+    t = _inputs(20, 24, 16, 4, F32, lora_bias=True)
+    y = dora_linear(*t.values(), scaling=2.0, gate=False, backend="triton")
+    ref = t["x"].detach() @ t["weight"].t() + t["bias"].detach()
+    assert_matches(y, ref.double(), F32, "y")
+    y.sum().backward()
+    assert all(t[name].grad is None for name in ("lora_a", "lora_b", "lora_bias", "magnitude"))
+
+
+def test_dropout_runs_the_torch_kernels_with_one_warning():
+    """Dropout > 0 is not fused in Triton yet: an explicit, warned dispatch to dora_torch (same mask)."""
+    kernels._warn_dropout_fallback_once.cache_clear()
+    t = _inputs(37, 45, 29, 3, F32, lora_bias=True)
+    with pytest.warns(UserWarning, match="do not take dropout"):
+        _check_layer(t, F32, dropout_p=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_layer(_inputs(37, 45, 29, 3, F32, seed=1), F32, dropout_p=0.3)
+
+
+def _direct(t, *, scaling, cublas_below_m, save_z, need, need_magnitude, y_as_saved=False):
+    """dora_forward + dora_backward called directly (``y_as_saved``: keep Y even with a bias, as a caller may)."""
+    d = {name: (v.detach() if v is not None else None) for name, v in t.items()}
+    options = LoraOptions(scaling=scaling)
+    norm = kernels.dora_row_norm(d["weight"], d["lora_a"], d["lora_b"], d["lora_bias"], scaling=scaling,
+                                 weight_is_kn=False)
+    y, s, z = kernels.dora_forward(d["x"], d["weight"], d["bias"], d["lora_a"], d["lora_b"], d["lora_bias"],
+                                   d["magnitude"], norm, options=options, save_z=save_z,
+                                   cublas_below_m=cublas_below_m)
+    dy = _dy(t, t["x"].dtype)
+    grads = kernels.dora_backward(
+        dy, d["x"], y if (z is None or y_as_saved) else None, d["weight"], d["bias"], d["lora_a"], d["lora_b"],
+        d["lora_bias"], d["magnitude"], norm, s, None if y_as_saved else z, options=options, need=need,
+        need_magnitude=need_magnitude, cublas_below_m=cublas_below_m)
+    return y, z, grads, dy
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_cublas_base_path_and_saved_y_with_bias(dtype):
+    """M below ``cublas_below_m``: the base GEMM on cuBLAS, the kernel adds the rest (bias after the scale);
+    the magnitude gradient from a saved Y with a bias subtracts bias * colsum(dY) from the dY pass."""
+    t = _inputs(37, 45, 29, 3, dtype, lora_bias=True)
+    need = GradRequest(dx=True, dlora=True, dbias=True, dlora_bias=True)
+    y, z, grads, dy = _direct(t, scaling=1.3, cublas_below_m=10**9, save_z=True, need=need, need_magnitude=True,
+                              y_as_saved=True)
+    ref = peft_dora(*t.values(), scaling=1.3, dy=dy)
+    assert z is not None
+    assert_matches(y, ref["y"], dtype, "y")
+    for name in ("dx", "d_bias", "d_lora_a", "d_lora_b", "d_lora_bias", "d_magnitude"):
+        assert_matches(getattr(grads, name), ref[name], dtype, name)
+
+
+def test_stored_z_is_the_pre_scale_output():
+    t = _inputs(37, 45, 29, 3, F32, lora_bias=True)
+    need = GradRequest(dx=False, dlora=False)
+    y, z, grads, _ = _direct(t, scaling=1.3, cublas_below_m=0, save_z=True, need=need, need_magnitude=False)
+    norm = kernels.dora_row_norm(t["weight"], t["lora_a"], t["lora_b"], t["lora_bias"], scaling=1.3,
+                                 weight_is_kn=False)
+    d = {name: v.detach().double() for name, v in t.items() if v is not None}
+    z_ref = d["x"] @ d["weight"].t() + 1.3 * (d["x"] @ d["lora_a"].t() @ d["lora_b"].t() + d["lora_bias"])
+    assert_matches(z, z_ref, F32, "z")
+    assert_matches(y, d["bias"] + (d["magnitude"] / norm.double()) * z_ref, F32, "y")
+    assert all(g is None for g in grads)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_split_reductions_and_partial_requests(monkeypatch, deterministic):
+    """Several programs per reduction (atomics) or the fixed-order torch path, and partial ``need`` flags."""
+    monkeypatch.setattr(lora_triton, "_target_programs", lambda device: 16)
+    t = _inputs(130, 150, 140, 5, F32, lora_bias=True, seed=3)
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        full = GradRequest(dx=True, dlora=True, dbias=True, dlora_bias=True)
+        y, _, grads, dy = _direct(t, scaling=0.5, cublas_below_m=0, save_z=True, need=full, need_magnitude=True)
+        partial = GradRequest(dx=False, dlora=False, dbias=True, dlora_bias=False)
+        _, _, only, _ = _direct(t, scaling=0.5, cublas_below_m=0, save_z=True, need=partial, need_magnitude=True)
+    finally:
+        torch.use_deterministic_algorithms(saved)
+    ref = peft_dora(*t.values(), scaling=0.5, dy=dy)
+    assert_matches(y, ref["y"], F32, "y")
+    for name in ("dx", "d_bias", "d_lora_a", "d_lora_b", "d_lora_bias", "d_magnitude"):
+        assert_matches(getattr(grads, name), ref[name], F32, name)
+    assert only.dx is None and only.d_lora_a is None and only.d_lora_b is None and only.d_lora_bias is None
+    assert_matches(only.d_bias, ref["d_bias"], F32, "d_bias")
+    assert_matches(only.d_magnitude, ref["d_magnitude"], F32, "d_magnitude")
