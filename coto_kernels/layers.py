@@ -52,7 +52,7 @@ def static_fallback_reason(layer: nn.Module) -> str | None:
     """Why ``layer`` cannot take the fused path at all, or None when it can."""
     if not isinstance(layer, LoraLinear):
         return f"{type(layer).__name__} LoRA layers are not fused"
-    base = layer.get_base_layer()
+    base = layer.base_layer  # not get_base_layer(): a nested adapter layer (PEFT's mixed models) must run
     if type(base) not in (nn.Linear, Conv1D):
         return f"base layer {type(base).__name__} is not nn.Linear or Conv1D"
     return _adapter_fallback_reason(layer) or _hooks_fallback_reason(layer)
@@ -93,7 +93,7 @@ def _hooks_of(module: nn.Module) -> str | None:
 def _hooks_fallback_reason(layer: LoraLinear) -> str | None:
     """Why hooks force PEFT's forward: the fused call reads the weights and never calls these modules."""
     adapter = next(a for a in layer.active_adapters if a in layer.lora_A)
-    parts = (("base layer", layer.get_base_layer()), ("lora_A", layer.lora_A[adapter]),
+    parts = (("base layer", layer.base_layer), ("lora_A", layer.lora_A[adapter]),
              ("lora_B", layer.lora_B[adapter]), ("lora_dropout", layer.lora_dropout[adapter]))
     for part, module in parts:
         hooks = _hooks_of(module)
@@ -190,7 +190,7 @@ class CoToLinear(CoToLayerMixin, LoraLinear):
     def _fused_operands(self) -> tuple[tuple, dict[str, Any]]:
         """(weight, bias, lora_a, lora_b, lora_bias) and the scalar options of the fused call."""
         adapter = next(a for a in self.active_adapters if a in self.lora_A)
-        base = self.get_base_layer()
+        base = self.base_layer
         dropout = self.lora_dropout[adapter]
         operands = (base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                     self.lora_B[adapter].bias)

@@ -97,18 +97,22 @@ class TwoLinear(nn.Module):
         return self.lin1(torch.relu(self.lin0(x)))
 
 
-def test_lora_under_an_adalora_layer_of_a_mixed_model():
-    """PEFT's mixed model: an AdaLoRA layer wraps the (fused) LoRA layer and adds onto its output in place."""
+ADALORA = AdaLoraConfig(target_modules=["lin0"], init_lora_weights=False, total_step=1)
+LORA = LoraConfig(target_modules=["lin0"], init_lora_weights=False)
+
+
+@pytest.mark.parametrize("first", ["lora", "adalora"])
+def test_lora_and_adalora_nested_in_a_mixed_model(first):
+    """PEFT's mixed model: the second adapter type's layer wraps the first's and adds onto its output in place."""
+    configs = (LORA, ADALORA) if first == "lora" else (ADALORA, LORA)
 
     def build():
         torch.manual_seed(0)
-        model = get_peft_model(TwoLinear(), LoraConfig(target_modules=["lin0"], init_lora_weights=False),
-                               adapter_name="a0", mixed=True)
-        return model
+        return get_peft_model(TwoLinear(), copy.deepcopy(configs[0]), adapter_name="a0", mixed=True)
 
     def finish(model):
         torch.manual_seed(1)
-        model.add_adapter("a1", AdaLoraConfig(target_modules=["lin0"], init_lora_weights=False, total_step=1))
+        model.add_adapter("a1", copy.deepcopy(configs[1]))
         model.set_adapter(["a0", "a1"])
         return model
 
@@ -116,12 +120,16 @@ def test_lora_under_an_adalora_layer_of_a_mixed_model():
     vanilla = finish(build())
     patched = build()
     patch_quietly(patched, schedule="off", seed=0)
-    finish(patched)
-    # the AdaLoRA layer took the name lin0; the gated LoRA layer it wraps moved to lin0.base_layer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        finish(patched)
+    # the second layer took the name lin0; the gated layer it wraps moved to lin0.base_layer
     assert sorted(patched.coto_controller.layer_names) == ["base_model.model.lin0", "base_model.model.lin0.base_layer"]
     outputs = []
     for model in (vanilla, patched):
-        out = model(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = model(x)
         out.square().sum().backward()
         outputs.append(out)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
