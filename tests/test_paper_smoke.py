@@ -38,7 +38,7 @@ def test_paper_smoke_end_to_end(tmp_path):
         assert len(shap["values"]) == 12  # 6 blocks x (query, value)
         assert [lam for lam, _ in results["curve"][method]["fusion"]["points"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
     report = (out / "results.md").read_text()
-    assert "| Method | Full | Prune every other" in report and "| CoTo |" in report
+    assert "| Method | All adapters | Keep blocks 0,2,4" in report and "| CoTo |" in report
     assert (out / "adapters" / "coto-seed1" / "adapter_model.safetensors").exists()
     # --reuse: adapters and evaluations come back from disk, same numbers
     assert paper.main(["--smoke", "--out", str(out), "--quiet", "--steps", "4", "--reuse"]) == 0
