@@ -13,7 +13,7 @@ PAPER_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	@if [ ! -x $(PY) ]; then \
 	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	    echo "reusing the torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml setup.py
 	  fi; \
 	fi
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,bench]"
+	@# --no-build-isolation: setup.py compiles the native backend (csrc/) against this venv's torch
+	$(PY) -m pip install -q "setuptools>=68" wheel
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	$(PY) -m coto_kernels.kernels
 	@touch $(STAMP)
 
 test: $(STAMP)

@@ -13,6 +13,7 @@ from .callbacks import CoToCallback
 from .config import GRANULARITIES, SCHEDULES, CoToConfig
 from .controller import CoToController
 from .functional import lora_linear, triton_available
+from .functional_dora import dora_linear
 from .gates import block_prefix, draw_gates, group_names
 from .patching import patch, unpatch
 from .schedule import activation_probability
@@ -27,6 +28,7 @@ __all__ = [
     "CoToController",
     "activation_probability",
     "block_prefix",
+    "dora_linear",
     "draw_gates",
     "group_names",
     "lora_linear",

@@ -6,9 +6,12 @@ drift on a noisy machine hits them all alike, and every ratio comes from this on
 
 Modes: ``vanilla`` (PEFT as is), ``coto-p1`` (patched, every adapter on: the fused kernels alone),
 ``coto-p0.5`` and ``coto-p0.1`` (constant p), ``coto-schedule`` (the full CoTo schedule, p rising from 0.1 to
-1 over the first 75% of this mode's steps, so its mean covers a whole run).
+1 over the first 75% of this mode's steps, so its mean covers a whole run), ``floor`` (the frozen-base limit: the
+same PEFT model with its adapters disabled and input gradients on, so the frozen-base forward and the dX backward
+run through every block and no LoRA math at all; every mode is also reported as a multiple of it).
 
     python -m coto_kernels.bench                     # default preset "small": 1-3 minutes on 2 CPU cores
+    python -m coto_kernels.bench --dora              # the same with PEFT DoRA adapters (use_dora=True)
     python -m coto_kernels.bench --preset medium --device cuda
 """
 
@@ -21,6 +24,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +40,7 @@ from .benchmarking import (
     utc_timestamp,
 )
 from .benchmarking import write_report as write_report_files
+from .functional import BACKENDS
 
 PRESETS: dict[str, dict[str, int]] = {
     # name: hidden, intermediate, layers, heads, vocab, seq, batch, rounds, steps per round
@@ -46,7 +51,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "large": dict(hidden=2048, intermediate=5632, layers=16, heads=16, vocab=32000, seq=1024, batch=8, rounds=5,
                   steps=10),
 }
-MODES = ("vanilla", "coto-p1", "coto-p0.5", "coto-p0.1", "coto-schedule")
+MODES = ("vanilla", "coto-p1", "coto-p0.5", "coto-p0.1", "coto-schedule", "floor")
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -57,6 +62,8 @@ class ModeResult:
     mean_step_s: float
     tokens_per_s: float
     throughput_vs_vanilla: float
+    step_vs_floor: float
+    """Mean step time / the floor mode's (1.0 = no cost over the frozen base; nan without a floor run)."""
     mean_active_fraction: float
     memory_mb: float
 
@@ -73,11 +80,11 @@ def build_model(preset: dict[str, int], device: torch.device, dtype: torch.dtype
     return AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype)
 
 
-def add_lora(model: torch.nn.Module, rank: int, dropout: float) -> torch.nn.Module:
+def add_lora(model: torch.nn.Module, rank: int, dropout: float, dora: bool = False) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=TARGET_MODULES,
-                        task_type="CAUSAL_LM")
+                        task_type="CAUSAL_LM", use_dora=dora)
     return get_peft_model(model, config)
 
 
@@ -100,7 +107,9 @@ class Runner:
         self.model = copy.deepcopy(base)
         self.model.train()
         self.controller = None
-        if mode != "vanilla":
+        if mode == "floor":
+            self.model.enable_input_require_grads()  # dX through every block, as under gradient checkpointing
+        elif mode != "vanilla":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.controller = coto_kernels.patch(self.model, seed=seed, backend=backend,
@@ -111,7 +120,8 @@ class Runner:
         self.active: list[float] = []
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
-        loss = self.model(**batch).loss
+        with self.model.disable_adapter() if self.mode == "floor" else nullcontext():
+            loss = self.model(**batch).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -119,7 +129,7 @@ class Runner:
             self.active.append(sum(self.controller.gates) / len(self.controller.gates))
             self.controller.step()
         else:
-            self.active.append(1.0)
+            self.active.append(0.0 if self.mode == "floor" else 1.0)
 
 
 def measure_memory(runner: Runner, batch: dict[str, torch.Tensor], device: torch.device) -> float:
@@ -171,6 +181,7 @@ def run(
     warmup: int = 1,
     backend: str = "auto",
     seed: int = 0,
+    dora: bool = False,
 ) -> dict:
     """Run the benchmark and return the report (a JSON-serialisable dict)."""
     preset = dict(PRESETS[preset_name])
@@ -182,7 +193,7 @@ def run(
                    "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        base = add_lora(build_model(preset, dev, torch_dtype, seed), rank, lora_dropout)
+        base = add_lora(build_model(preset, dev, torch_dtype, seed), rank, lora_dropout, dora)
     total_steps = rounds * steps
     runners = [Runner(mode, base, total_steps, backend, seed) for mode in modes]
     del base
@@ -213,6 +224,7 @@ def run(
     memory = {r.mode: measure_memory(r, make_batch(), dev) for r in runners}
     tokens = preset["batch"] * preset["seq"]
     vanilla_mean = next((statistics.fmean(r.step_times) for r in runners if r.mode == "vanilla"), None)
+    floor_mean = next((statistics.fmean(r.step_times) for r in runners if r.mode == "floor"), None)
     results = [
         ModeResult(
             mode=r.mode,
@@ -220,6 +232,7 @@ def run(
             mean_step_s=statistics.fmean(r.step_times),
             tokens_per_s=tokens / statistics.fmean(r.step_times),
             throughput_vs_vanilla=(vanilla_mean / statistics.fmean(r.step_times)) if vanilla_mean else float("nan"),
+            step_vs_floor=(statistics.fmean(r.step_times) / floor_mean) if floor_mean else float("nan"),
             mean_active_fraction=statistics.fmean(r.active),
             memory_mb=memory[r.mode],
         )
@@ -231,7 +244,7 @@ def run(
         "memory_metric": "peak CUDA memory per step" if dev.type == "cuda" else "bytes saved for backward",
         "versions": environment(),
         "preset": preset_name,
-        "config": {**preset, "rounds": rounds, "steps": steps, "rank": rank, "lora_dropout": lora_dropout,
+        "config": {**preset, "rounds": rounds, "steps": steps, "rank": rank, "lora_dropout": lora_dropout, "dora": dora,
                    "dtype": str(torch_dtype), "backend": backend, "targets": TARGET_MODULES},
         "results": [asdict(r) for r in results],
         "step_times": {r.mode: r.step_times for r in runners},
@@ -240,10 +253,11 @@ def run(
 
 def to_markdown(report: dict) -> str:
     cfg = report["config"]
-    header = ["mode", "median step (s)", "mean step (s)", "tokens/s", "throughput vs vanilla", "mean active fraction",
-              f"{report['memory_metric']} (MB)"]
+    header = ["mode", "median step (s)", "mean step (s)", "tokens/s", "throughput vs vanilla", "step / floor",
+              "mean active fraction", f"{report['memory_metric']} (MB)"]
     rows = [[r["mode"], f"{r['median_step_s']:.3f}", f"{r['mean_step_s']:.3f}", f"{r['tokens_per_s']:.0f}",
-             f"{r['throughput_vs_vanilla']:.2f}x", f"{r['mean_active_fraction']:.2f}", f"{r['memory_mb']:.0f}"]
+             f"{r['throughput_vs_vanilla']:.2f}x", f"{r.get('step_vs_floor', float('nan')):.2f}",
+             f"{r['mean_active_fraction']:.2f}", f"{r['memory_mb']:.0f}"]
             for r in report["results"]]
     lines = [
         f"# coto-bench, preset `{report['preset']}`",
@@ -251,7 +265,8 @@ def to_markdown(report: dict) -> str:
         f"{report['date']} on {report['device']}; " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         "",
         f"Llama-style model: hidden {cfg['hidden']}, {cfg['layers']} layers, seq {cfg['seq']}, batch {cfg['batch']}, "
-        f"{cfg['dtype']}; LoRA r={cfg['rank']}, dropout {cfg['lora_dropout']} on all 7 projections; "
+        f"{cfg['dtype']}; {'DoRA' if cfg.get('dora') else 'LoRA'} r={cfg['rank']}, dropout {cfg['lora_dropout']} "
+        f"on all 7 projections; "
         f"{cfg['rounds']} interleaved rounds x {cfg['steps']} steps per mode; AdamW.",
         "",
         markdown_table(header, rows),
@@ -276,7 +291,8 @@ def plot_throughput(report: dict) -> Callable:
 
 def write_report(report: dict, out_dir: Path) -> list[Path]:
     """Write JSON, Markdown and (with matplotlib) a PNG; return the paths."""
-    stem = f"bench-{report['preset']}-{file_stamp(report['date'])}"
+    kind = "-dora" if report["config"].get("dora") else ""
+    stem = f"bench-{report['preset']}{kind}-{file_stamp(report['date'])}"
     return write_report_files(out_dir, stem, report, to_markdown(report), {f"{stem}.png": plot_throughput(report)})
 
 
@@ -290,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--steps", type=int, help="timed steps per mode per round")
-    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--backend", default="auto", choices=list(BACKENDS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dora", action="store_true", help="DoRA adapters (PEFT use_dora=True) instead of LoRA")
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)
@@ -300,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown modes {sorted(unknown)}")
     report = run(args.preset, modes=modes, device=args.device, dtype=args.dtype, rank=args.rank,
                  lora_dropout=args.lora_dropout, rounds=args.rounds, steps=args.steps, backend=args.backend,
-                 seed=args.seed)
+                 seed=args.seed, dora=args.dora)
     print(to_markdown(report))
     for path in write_report(report, args.out):
         print(f"wrote {path}")

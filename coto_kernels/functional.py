@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .kernels import KERNEL_BACKENDS, backend_available, load_backend
+from .kernels import KERNEL_BACKENDS, backend_available, load_backend, native_cuda_status
 from .kernels.interface import GradRequest, LoraOptions
 
 BACKENDS = ("auto", *KERNEL_BACKENDS)
@@ -25,12 +25,17 @@ def triton_available() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for ``device``: ``auto`` means Triton on CUDA when Triton is installed."""
+    """The concrete backend for ``device``. ``auto``: on CUDA Triton, else the native CUDA kernels when built;
+    on the CPU the native kernels when built; PyTorch otherwise."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    return backend
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        if triton_available():
+            return "triton"
+        return "native" if native_cuda_status() is None else "torch"
+    return "native" if device.type == "cpu" and backend_available("native") else "torch"
 
 
 def new_dropout_seed() -> int:

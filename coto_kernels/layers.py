@@ -4,7 +4,8 @@
 and PEFT's own attributes are untouched. A gated-off layer (training mode, gate off) returns ``base_layer(x)``
 and runs nothing else: its adapter gets no gradient, and when nothing below needs gradients autograd stops
 there. A gated-on ``lora.Linear`` over an ``nn.Linear`` or GPT-2 ``Conv1D`` runs
-``coto_kernels.functional.lora_linear``; everything else (DoRA and other variants, several active adapters,
+``coto_kernels.functional.lora_linear``, or ``coto_kernels.functional_dora.dora_linear`` for a DoRA adapter
+(``use_dora=True``); everything else (other LoRA variants, several active adapters,
 ``adapter_names`` batches, merged weights, LoRA on embeddings or convolutions, quantized bases) runs PEFT's own
 forward, gated, after one warning naming the layer.
 """
@@ -21,6 +22,12 @@ from peft.tuners.lora import layer as peft_lora_layer
 from torch import nn
 
 from .functional import lora_linear
+from .functional_dora import dora_linear
+
+try:  # PEFT >= 0.15 implements DoRA as a LoRA variant
+    from peft.tuners.lora.variants import DoraLinearVariant
+except ImportError:  # pragma: no cover
+    DoraLinearVariant = None
 
 try:  # transformers >= 4.x ships Conv1D here; kept optional so plain-PyTorch models still patch
     from transformers.pytorch_utils import Conv1D
@@ -66,10 +73,10 @@ def _adapter_fallback_reason(layer: LoraLinear) -> str | None:
     for name, module in (("lora_A", layer.lora_A[adapter]), ("lora_B", layer.lora_B[adapter])):
         if type(module) is not nn.Linear:  # e.g. its own FSDP unit: only its forward gathers its weight
             return f"{name} is a {type(module).__name__}, not nn.Linear (wrapped, e.g. as its own FSDP unit)"
-    if adapter in getattr(layer, "lora_variant", {}):
+    if adapter in getattr(layer, "lora_variant", {}) and not is_dora(layer, adapter):
         return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}"
-    if getattr(layer, "use_dora", {}).get(adapter, False):
-        return "DoRA"
+    if getattr(layer, "use_dora", {}).get(adapter, False) and not is_dora(layer, adapter):
+        return "DoRA without PEFT's DoraLinearVariant"
     if not isinstance(layer.lora_dropout[adapter], (nn.Dropout, nn.Identity)):
         return f"dropout module {type(layer.lora_dropout[adapter]).__name__}"
     if layer.lora_A[adapter].bias is not None:
@@ -77,6 +84,12 @@ def _adapter_fallback_reason(layer: LoraLinear) -> str | None:
     if layer.merged:
         return "adapter weights are merged into the base layer"
     return None
+
+
+def is_dora(layer: nn.Module, adapter: str) -> bool:
+    """Whether ``adapter`` of ``layer`` is PEFT's linear DoRA (fused by ``dora_linear``)."""
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    return DoraLinearVariant is not None and type(variant) is DoraLinearVariant
 
 
 def _hooks_of(module: nn.Module) -> str | None:
@@ -185,6 +198,11 @@ class CoToLinear(CoToLayerMixin, LoraLinear):
             warn_once(self, reason)
             return LoraLinear.forward(self, x, *args, **kwargs)
         operands, options = self._fused_operands()
+        adapter = next(a for a in self.active_adapters if a in self.lora_A)
+        if is_dora(self, adapter):
+            if not self.training:  # PEFT's DoRA drops out only in training mode (``module.training``)
+                options["dropout_p"] = 0.0
+            return dora_linear(x, *operands, self.lora_magnitude_vector[adapter].weight, **options)
         return lora_linear(x, *operands, **options)
 
     def _fused_operands(self) -> tuple[tuple, dict[str, Any]]:
@@ -204,7 +222,9 @@ class CoToLinear(CoToLayerMixin, LoraLinear):
 
     def _compiled_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The traced form: same math, gate as a tensor into opaque custom ops (``coto_kernels.compile``)."""
-        if self.disable_adapters or args or kwargs or static_fallback_reason(self) is not None:
+        if self.disable_adapters or args or kwargs or static_fallback_reason(self) is not None or any(
+            is_dora(self, a) for a in self.active_adapters
+        ):  # DoRA has no compiled custom op yet: PEFT's forward, gated
             return self._compiled_unfused(x, *args, **kwargs)
         from .compile import gated_lora_linear
 

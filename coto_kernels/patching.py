@@ -141,7 +141,8 @@ def patch(
             Trainer callback fills it in; needed before ``step()``), ``initial_p``, ``final_p``,
             ``stage1_ratio``, ``schedule``, ``granularity``, ``seed`` (default: drawn from torch's default
             generator, rank 0's under ``torch.distributed``). Unknown names are a ``TypeError``.
-        backend: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (Triton on CUDA tensors, the native kernels on the CPU when built, PyTorch otherwise),
+            ``"torch"``, ``"triton"`` or ``"native"``.
         check_gates: under DDP/FSDP, check at the first training forward that every rank holds the same gates
             (one all-gather that every rank must reach); ``False`` skips that check.
 

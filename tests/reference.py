@@ -88,3 +88,44 @@ def gated_lora(
                                 ("d_lora_bias", "lora_bias")):
             out[grad_name] = None if d[name] is None else d[name].grad
     return out
+
+
+def peft_dora(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None,
+    magnitude: Tensor, *, scaling: float, keep: Tensor | None = None, dropout_p: float = 0.0,
+    weight_is_kn: bool = False, dy: Tensor | None = None,
+) -> dict[str, Tensor | None]:
+    """float64 DoRA written as PEFT 0.21 writes it (``DoraLinearVariant.forward`` / ``DoraLinearLayer.forward``).
+
+    ``base = x W^T + b``; ``n = ||W + s (B A + lora_bias 1^T)||_row`` detached; ``c = m / n``; without dropout
+    (``keep`` None) ``base_result = base - b``, with dropout ``x`` is dropped and ``base_result = drop(x) W^T``;
+    ``y = base + (c - 1) * base_result + c * s * (B A x + lora_bias)``. Returns ``y`` and, with ``dy``, the
+    gradients named as ``DoraGrads``.
+    """
+    inputs = dict(x=x, bias=bias, lora_a=lora_a, lora_b=lora_b, lora_bias=lora_bias, magnitude=magnitude)
+    d = {name: _leaf(t) for name, t in inputs.items()}
+    w = weight.detach().double()
+    w_nk = w.t() if weight_is_kn else w
+    lora_weight = d["lora_b"] @ d["lora_a"]
+    if d["lora_bias"] is not None:
+        lora_weight = lora_weight + d["lora_bias"][:, None]
+    norm = torch.linalg.norm(w_nk + scaling * lora_weight.detach(), dim=1).detach()
+    scale = d["magnitude"] / norm
+    base = d["x"] @ w_nk.t()
+    result = base if d["bias"] is None else base + d["bias"]
+    if keep is None:
+        x_lora, base_result = d["x"], (result if d["bias"] is None else result - d["bias"])
+    else:
+        x_lora = d["x"] * keep.double() / (1.0 - dropout_p)
+        base_result = x_lora @ w_nk.t()
+    lora_result = x_lora @ d["lora_a"].t() @ d["lora_b"].t()
+    if d["lora_bias"] is not None:
+        lora_result = lora_result + d["lora_bias"]
+    y = result + (scale - 1) * base_result + scale * lora_result * scaling
+    out: dict[str, Tensor | None] = dict(y=y.detach(), norm=norm)
+    if dy is not None:
+        y.backward(dy.double())
+        for grad_name, name in (("dx", "x"), ("d_bias", "bias"), ("d_lora_a", "lora_a"), ("d_lora_b", "lora_b"),
+                                ("d_lora_bias", "lora_bias"), ("d_magnitude", "magnitude")):
+            out[grad_name] = None if d[name] is None else d[name].grad
+    return out

@@ -17,6 +17,18 @@ def test_bench_cli_writes_json_markdown(tmp_path, capsys):
     assert by_mode["vanilla"]["throughput_vs_vanilla"] == 1.0
     assert by_mode["coto-p1"]["mean_active_fraction"] == 1.0
     assert by_mode["coto-p0.1"]["mean_active_fraction"] < 1.0
+    assert by_mode["floor"]["step_vs_floor"] == 1.0 and by_mode["floor"]["mean_active_fraction"] == 0.0
+    assert by_mode["vanilla"]["step_vs_floor"] > 0.0
     assert all(len(times) == 2 for times in report["step_times"].values())
     assert (tmp_path / json_path.name.replace(".json", ".md")).read_text().count("| coto-") == 4
     assert "throughput vs vanilla" in capsys.readouterr().out
+
+
+def test_bench_cli_dora_mode_runs_peft_dora_and_the_fused_layer(tmp_path):
+    assert bench.main(["--preset", "tiny", "--rounds", "1", "--steps", "1", "--dora", "--modes",
+                       "vanilla,coto-p1,floor", "--out", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("bench-tiny-dora-*.json")
+    report = json.loads(json_path.read_text())
+    assert report["config"]["dora"] is True
+    assert [r["mode"] for r in report["results"]] == ["vanilla", "coto-p1", "floor"]
+    assert "DoRA r=16" in (tmp_path / json_path.name.replace(".json", ".md")).read_text()

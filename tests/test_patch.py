@@ -137,9 +137,9 @@ def test_steps_redraw_the_gates_of_the_layers():
 
 
 def test_unfused_variants_warn_once_and_stay_gated_and_correct():
-    ref = tiny_peft_model("llama", use_dora=True)
+    ref = tiny_peft_model("llama", init_lora_weights="mica")  # a LoRA variant without a fused path (not DoRA)
     ours = copy.deepcopy(ref)
-    with pytest.warns(UserWarning, match=r"unfused forward: .*layers\.0\.self_attn\.q_proj \(LoRA variant"):
+    with pytest.warns(UserWarning, match=r"unfused forward: .*layers\.0\.self_attn\.q_proj \(LoRA variant MiCA"):
         controller = coto_kernels.patch(ours, schedule="off", seed=0)
     batch = batch_for("llama")
     torch.testing.assert_close(ours(**batch).loss, ref(**batch).loss)

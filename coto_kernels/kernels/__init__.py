@@ -3,6 +3,12 @@
 - ``lora_torch``: PyTorch ops; runs everywhere.
 - ``lora_triton``: fused Triton kernels; needs Triton and CUDA tensors (or the CPU interpreter with
   ``TRITON_INTERPRET=1`` set before Triton is first imported).
+- ``lora_native``: BLAS for the dense GEMMs plus compiled C++/CUDA ops from ``csrc/`` for the skinny,
+  dropout-fused parts; needs the extension built by ``setup.py`` (``python -m coto_kernels.kernels`` says
+  whether it is, and why not).
+
+DoRA kernel modules (``dora_<name>``, contract ``interface.DoraBackend``): ``dora_torch`` only so far; every
+backend name runs it (its GEMMs are cuBLAS / MKL through PyTorch). ``load_dora_backend(name)`` imports it.
 
 ``dropout_mask`` defines the dropout mask all of them regenerate. ``load_backend(name)`` imports a backend
 module; ``backend_status()`` tells which are usable here and why one is not.
@@ -13,8 +19,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-#: Concrete backends, in the order ``auto`` prefers them where their device fits.
-KERNEL_BACKENDS = ("torch", "triton")
+#: Concrete backends (``auto``'s choice among them: ``coto_kernels.functional.resolve_backend``).
+KERNEL_BACKENDS = ("torch", "triton", "native")
 
 # name -> (module or None, why not). A plain dict rather than functools.cache: load_backend runs inside traced
 # forwards, and Dynamo reads a dict without a graph break.
@@ -35,6 +41,12 @@ def backend_status() -> dict[str, str | None]:
     return {name: _import(name)[1] for name in KERNEL_BACKENDS}
 
 
+def native_cuda_status() -> str | None:
+    """None when the native backend's CUDA kernels are built and loaded, else why not."""
+    module, why = _import("native")
+    return why if module is None else module.CUDA_STATUS
+
+
 def backend_available(name: str) -> bool:
     """Whether the concrete backend ``name`` can be imported here."""
     return name in KERNEL_BACKENDS and _import(name)[0] is not None
@@ -48,3 +60,15 @@ def load_backend(name: str) -> ModuleType:
     if module is None:
         raise RuntimeError(f"coto_kernels backend {name!r} is not available here ({why}); use backend='torch'")
     return module
+
+
+#: Backends with their own DoRA kernel module; the others use the first of these.
+DORA_KERNEL_BACKENDS = ("torch",)
+
+
+def load_dora_backend(name: str) -> ModuleType:
+    """The DoRA kernel module for backend ``name`` (``interface.DoraBackend``); ``dora_torch`` until others exist."""
+    if name not in KERNEL_BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {KERNEL_BACKENDS}")
+    chosen = name if name in DORA_KERNEL_BACKENDS else DORA_KERNEL_BACKENDS[0]
+    return importlib.import_module(f"{__name__}.dora_{chosen}")

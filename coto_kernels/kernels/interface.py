@@ -19,8 +19,31 @@ Backward::
 where drop'(Z) = keep * Z / (1 - p). With g = 0 a backend runs only the base GEMMs (``X W^T + bias`` and
 ``dY W``): the adapter gets no gradient (None) and no LoRA kernel is launched.
 
+DoRA (weight-decomposed LoRA, PEFT's ``use_dora=True``), exactly as PEFT 0.21 computes it. m [N] is the
+magnitude vector (``lora_magnitude_vector``), ``n`` the row norm of the adapted weight, *detached* (DoRA paper
+section 4.3: it gets no gradient), ``c = m / n`` the per-output-column scale, S = drop(X) A^T as for LoRA::
+
+    n_j^2 = ||W_j + s (B A)_j + s lora_bias_j 1^T||^2          (the norm PEFT takes of ``W + s * B(A(I_K))``)
+
+Without dropout (p = 0, or eval mode)::
+
+    Z = X W^T + s (S B^T + lora_bias)           Y = bias + c * Z
+
+    G = c * dY        dS = s G B        dB = s G^T S        dA = dS^T X        d_lora_bias = s sum_rows(G)
+    dX = G W + dS A   d_bias = sum_rows(dY)     dm = sum_rows(dY * Z) / n = sum_rows(dY * (Y - bias)) / m
+
+With dropout (training, p > 0; D = drop(X), PEFT's two-term formula: the base term on the full X)::
+
+    Z = D W^T + s (S B^T + lora_bias)           Y = X W^T + bias + c * Z - D W^T
+
+    G = c * dY        dS = s G B        dB = s G^T S        dA = dS^T D        d_lora_bias = s sum_rows(G)
+    dX = dY W + drop'((G - dY) W + dS A)        d_bias = sum_rows(dY)          dm = sum_rows(dY * Z) / n
+
+The gate is handled above the kernels: a gated-off DoRA layer runs ``X W^T + bias`` only (no magnitude, no norm).
+
 A backend is a module with ``lora_forward``, ``lora_backward`` and ``dropout_keep_mask`` of the signatures in
-``LoraBackend``; ``coto_kernels.kernels.load_backend`` imports one by name.
+``LoraBackend``; ``coto_kernels.kernels.load_backend`` imports one by name. A DoRA kernel module
+(``dora_<name>``) implements ``DoraBackend``; ``coto_kernels.kernels.load_dora_backend`` imports it.
 """
 
 from __future__ import annotations
@@ -103,3 +126,41 @@ class LoraBackend(Protocol):
 def weight_nk(weight: Tensor, weight_is_kn: bool) -> Tensor:
     """The base weight as [N, K]; a transposed view (no copy) for Conv1D's [K, N] layout."""
     return weight.t() if weight_is_kn else weight
+
+
+# -- DoRA ---------------------------------------------------------------------------------------------------------
+
+
+class DoraGrads(NamedTuple):
+    """What ``dora_backward`` returns: ``LoraGrads`` plus the magnitude vector's gradient; None where not requested."""
+
+    dx: Tensor | None
+    d_lora_a: Tensor | None
+    d_lora_b: Tensor | None
+    d_bias: Tensor | None
+    d_lora_bias: Tensor | None
+    d_magnitude: Tensor | None
+
+
+class DoraBackend(Protocol):
+    """What ``coto_kernels.functional_dora`` needs from a DoRA kernel module (math: this module's docstring, DoRA)."""
+
+    def dora_row_norm(
+        self, weight: Tensor, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None, *, scaling: float,
+        weight_is_kn: bool,
+    ) -> Tensor:
+        """n (fp32, [N]) without any N x K temporary; the frozen ``weight``'s own row norms may be cached."""
+
+    def dora_forward(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+        lora_bias: Tensor | None, magnitude: Tensor, norm: Tensor, *, options: LoraOptions, save_z: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(Y, S, Z)`` for 2-D ``x``; with ``save_z`` (dm needed), Z when Y cannot give it, else None (save Y)."""
+
+    def dora_backward(
+        self, dy: Tensor, x: Tensor, y: Tensor | None, weight: Tensor, bias: Tensor | None, lora_a: Tensor,
+        lora_b: Tensor, lora_bias: Tensor | None, magnitude: Tensor, norm: Tensor, s: Tensor,
+        z_saved: Tensor | None, *, options: LoraOptions, need: GradRequest, need_magnitude: bool,
+    ) -> DoraGrads:
+        """The gradients of ``dora_forward`` for 2-D contiguous ``dy``; ``y``: the saved output when Z is None."""
+

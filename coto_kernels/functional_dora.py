@@ -1,0 +1,139 @@
+"""The gated DoRA linear layer as one ``torch.autograd.Function`` over the DoRA kernels (PEFT's semantics).
+
+``dora_linear`` computes PEFT 0.21's DoRA forward (``peft/tuners/lora/variants.py``, ``dora.py``; the math with
+its backward is in ``coto_kernels.kernels.interface``): with c = m / ||W + s B A||_row (detached)::
+
+    no dropout / eval:  Y = bias + c * (X W^T + s (B A X + lora_bias))
+    dropout p > 0:      Y = X W^T + bias + (c - 1) * drop(X) W^T + c * s * (B A drop(X) + lora_bias)
+
+The row norm comes from ``dora_row_norm`` (no N x K temporary, ||W||^2 cached) and is taken from the weights as
+stored (before any autocast cast), in fp32. Saved for backward: X, S = drop(X) A^T (M x r), the norm (N), and for
+the magnitude gradient the output Y (no dropout) or Z = drop(X) W^T + s(S B^T + lora_bias) (dropout); never a
+mask, a dropped copy of X or an N x K matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .functional import autocast_operands, base_weight_grad, new_dropout_seed, resolve_backend
+from .kernels import load_dora_backend
+from .kernels.interface import GradRequest, LoraOptions, weight_nk
+
+
+class DoRAFunction(torch.autograd.Function):
+    """Fused DoRA layer: base GEMM, in-place low-rank add and per-column scale; see the module docstring."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        lora_bias: Tensor | None,
+        magnitude: Tensor,
+        norm: Tensor,
+        scaling: float,
+        dropout_p: float,
+        seed: int,
+        weight_is_kn: bool,
+        backend: str,
+    ) -> Tensor:
+        x2d = x.reshape(-1, x.shape[-1])
+        options = LoraOptions(scaling=scaling, dropout_p=dropout_p, seed=seed, weight_is_kn=weight_is_kn)
+        need_magnitude = ctx.needs_input_grad[6]
+        y, s, z = load_dora_backend(backend).dora_forward(
+            x2d, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm, options=options,
+            save_z=need_magnitude,
+        )
+        out = y.view(*x.shape[:-1], y.shape[-1])
+        saved_output = out if need_magnitude and z is None else None
+        ctx.save_for_backward(x, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm, s, z, saved_output)
+        ctx.options = options
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm, s, z, y = ctx.saved_tensors
+        options: LoraOptions = ctx.options
+        need_x, need_weight, need_bias, need_a, need_b, need_lora_bias, need_magnitude = ctx.needs_input_grad[:7]
+        x2d = x.reshape(-1, x.shape[-1])
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        if not dy2d.is_contiguous():
+            dy2d = dy2d.contiguous()
+        need = GradRequest(dx=need_x, dlora=need_a or need_b, dbias=need_bias, dlora_bias=need_lora_bias)
+        kernels = load_dora_backend(ctx.backend)
+        grads = kernels.dora_backward(
+            dy2d, x2d, None if y is None else y.reshape(dy2d.shape), weight, bias, lora_a, lora_b, lora_bias,
+            magnitude, norm, s, z, options=options, need=need, need_magnitude=need_magnitude,
+        )
+        d_weight = None
+        if need_weight:  # rare (frozen is the norm): Y depends on W through X W^T and (c - 1) D W^T, or c X W^T
+            scaled_dy = dy2d * kernels.column_scale(magnitude, norm).to(dy2d.dtype)
+            if options.has_dropout:
+                d_weight = base_weight_grad(x2d, dy2d, options.weight_is_kn) + base_weight_grad(
+                    kernels.dropped_input(x2d, options), scaled_dy - dy2d, options.weight_is_kn)
+            else:
+                d_weight = base_weight_grad(x2d, scaled_dy, options.weight_is_kn)
+        return (
+            grads.dx.view(x.shape) if grads.dx is not None else None,
+            d_weight,
+            grads.d_bias,
+            grads.d_lora_a if need_a else None,
+            grads.d_lora_b if need_b else None,
+            grads.d_lora_bias,
+            grads.d_magnitude,
+            None, None, None, None, None, None,
+        )
+
+
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    lora_bias: Tensor | None,
+    magnitude: Tensor,
+    *,
+    scaling: float,
+    dropout_p: float = 0.0,
+    gate: bool = True,
+    weight_is_kn: bool = False,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """PEFT's DoRA layer output (module docstring) with a fused backward; ``gate=False`` runs ``x W^T + bias`` only.
+
+    ``weight`` is ``[out, in]`` (``nn.Linear``) or ``[in, out]`` with ``weight_is_kn=True`` (GPT-2 ``Conv1D``);
+    ``magnitude`` is PEFT's ``lora_magnitude_vector[adapter].weight`` ([out]). Under ``torch.autocast`` the
+    operands except the magnitude are cast to the autocast dtype, as for PEFT's separate ``F.linear`` calls;
+    the norm is taken from the weights as stored.
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    if not gate:
+        return F.linear(x, weight_nk(weight, weight_is_kn), bias)
+    out_features = lora_b.shape[0]
+    if x.shape[-1] != lora_a.shape[1] or lora_b.shape[1] != lora_a.shape[0] or magnitude.shape != (out_features,):
+        raise ValueError(
+            f"DoRA shape mismatch: x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}, "
+            f"magnitude {tuple(magnitude.shape)}"
+        )
+    backend = resolve_backend(backend, x.device)
+    norm = load_dora_backend(backend).dora_row_norm(weight, lora_a, lora_b, lora_bias, scaling=float(scaling),
+                                                    weight_is_kn=weight_is_kn)
+    if seed is None:
+        seed = new_dropout_seed() if dropout_p > 0.0 else 0
+    cast = autocast_operands(x, weight, bias, lora_a, lora_b, lora_bias)
+    if cast is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return DoRAFunction.apply(*cast, magnitude, norm, float(scaling), float(dropout_p), seed, weight_is_kn,
+                                      backend)
+    return DoRAFunction.apply(x, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm, float(scaling),
+                              float(dropout_p), seed, weight_is_kn, backend)

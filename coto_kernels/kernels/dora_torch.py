@@ -1,0 +1,233 @@
+"""Pure-PyTorch DoRA kernels (math: the DoRA part of ``coto_kernels.kernels.interface``).
+
+**Row norm without an N x K temporary.** PEFT builds ``W + s * B(A(I_K))`` (N x K) every step to take its row
+norms. Here, with A' = [A; 1^T] and B' = [B, lora_bias] (the lora_bias column only when there is one)::
+
+    n_j^2 = ||W_j||^2 + 2 s (W A'^T)_j . B'_j + s^2 B'_j (A' A'^T) B'_j^T
+
+in fp32: an N x r' product over K (``W A'^T``, ~r/M of the main GEMM), an r' x r' Gram matrix and row dots.
+``||W_j||^2`` is computed once in fp64 and cached per frozen weight, keyed on its storage pointer, shape, dtype
+and autograd version counter (an optimizer step or any in-place write through the tensor bumps it, so an
+unfrozen or merged weight is recomputed). Writes through ``weight.data`` do not bump the version counter:
+call ``clear_weight_norm_cache`` after such a write.
+
+**When the expansion loses precision.** Its rounding error is about u * (||W_j||^2 + ||s (B'A')_j||^2) (u the
+fp32 unit roundoff times the summation length's growth factor), so the *relative* error of n_j^2 is that over
+n_j^2. Small updates (||sBA|| << ||W||, the normal case) are harmless: n_j^2 ~ ||W_j||^2 and the error stays at
+fp32 level. Near-cancellation (W_j + s(BA)_j much shorter than its parts, anti-parallel parts of similar size)
+is not: the error grows like (||W_j||^2 + ||s(BA)_j||^2) / n_j^2 and the expansion can even go negative. Guard:
+rows where n_j^2 < ``CANCELLATION_GUARD`` * (||W_j||^2 + ||s(B'A')_j||^2) (relative error of n_j then stays
+below ~4 u) are recomputed exactly, in fp64, from those rows of W + s B'A' (a (bad rows) x K temporary only).
+
+**Magnitude gradient: saved tensors, not recomputation.** dm = sum_rows(dY * Z) / n needs an M x N tensor:
+recomputing Z = X W^T + ... would cost a second main GEMM (2 M N K flops, the size of the forward itself), while
+keeping one costs M x N bytes. Without dropout and without a base bias, Z = Y / c and dm = sum_rows(dY * Y) / m:
+the layer's *output* is saved, which is often free (the next op, e.g. an activation, SDPA's V or the MLP
+product, saves the same tensor); columns with m_j = 0 (Y_j carries nothing of Z_j there) are recomputed from X,
+S and their rows of W and B. With a base bias, Y - bias cancels (in bf16, measured 2x PEFT's dm error), so Z is
+kept; with dropout, Z = D W^T + s(S B^T + lb) cannot be recovered from Y (which holds X W^T too), so Z is kept
+instead of recomputing D W^T.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from .dropout_mask import dropout_keep_mask
+from .interface import DoraGrads, GradRequest, LoraOptions, weight_nk
+
+__all__ = [
+    "CANCELLATION_GUARD", "clear_weight_norm_cache", "dora_backward", "dora_forward", "dora_row_norm",
+    "dropout_keep_mask", "weight_row_norms_squared",
+]
+
+#: Rows whose expanded n_j^2 falls below this fraction of ||W_j||^2 + ||s (BA)_j||^2 are recomputed exactly.
+CANCELLATION_GUARD = 0.25
+
+# Elements of one row chunk when W must be converted (fp64 ||W||^2, fp32 W A^T of a half-precision W).
+_CHUNK_ELEMENTS = 1 << 20
+
+# weight -> (key, ||W_j||^2 in fp32); weak, so a dropped model frees its entries.
+_WEIGHT_NORMS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def _cache_key(weight: Tensor) -> tuple:
+    return weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(), weight.dtype, weight.device
+
+
+def clear_weight_norm_cache(weight: Tensor | None = None) -> None:
+    """Forget the cached ||W_j||^2 of ``weight`` (all weights when None); needed only after ``weight.data`` writes."""
+    if weight is None:
+        _WEIGHT_NORMS.clear()
+    else:
+        _WEIGHT_NORMS.pop(weight, None)
+
+
+def _row_chunks(w_nk: Tensor) -> list[Tensor]:
+    return list(w_nk.split(max(1, _CHUNK_ELEMENTS // max(1, w_nk.shape[1]))))
+
+
+def weight_row_norms_squared(weight: Tensor, weight_is_kn: bool) -> Tensor:
+    """||W_j||^2 (fp32 [N], summed in fp64), cached per weight until its storage or version changes."""
+    key = _cache_key(weight)
+    hit = _WEIGHT_NORMS.get(weight)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    w_nk = weight_nk(weight.detach(), weight_is_kn)
+    value = torch.cat([rows.double().square().sum(1) for rows in _row_chunks(w_nk)]).float()
+    _WEIGHT_NORMS[weight] = (key, value)
+    return value
+
+
+def _times_transposed_fp32(w_nk: Tensor, a: Tensor) -> Tensor:
+    """W A^T in fp32 (N x r); a half-precision W is converted a chunk of rows at a time, never as a whole."""
+    if w_nk.dtype == torch.float32:
+        return w_nk @ a.t()
+    return torch.cat([rows.float() @ a.t() for rows in _row_chunks(w_nk)])
+
+
+def _augmented(lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(A', B') in fp32 with B'A' = BA + lora_bias 1^T (PEFT's ``B(A(I_K))`` includes lora_B's bias)."""
+    a, b = lora_a.detach().float(), lora_b.detach().float()
+    if lora_bias is None:
+        return a, b
+    ones = torch.ones(1, a.shape[1], dtype=a.dtype, device=a.device)
+    return torch.cat([a, ones]), torch.cat([b, lora_bias.detach().float()[:, None]], dim=1)
+
+
+def dora_row_norm(
+    weight: Tensor, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None, *, scaling: float, weight_is_kn: bool,
+) -> Tensor:
+    """n_j = ||W_j + s (B A)_j + s lora_bias_j||, fp32 [N], detached, by the guarded expansion (module docstring)."""
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        a, b = _augmented(lora_a, lora_b, lora_bias)
+        w_nk = weight_nk(weight.detach(), weight_is_kn)
+        w_squared = weight_row_norms_squared(weight, weight_is_kn)
+        cross = (_times_transposed_fp32(w_nk, a) * b).sum(1)
+        update_squared = ((b @ (a @ a.t())) * b).sum(1).mul_(scaling * scaling)  # ||s (B'A')_j||^2
+        norm_squared = w_squared + (2.0 * scaling) * cross + update_squared
+        unreliable = norm_squared < CANCELLATION_GUARD * (w_squared + update_squared)
+        if bool(unreliable.any()):
+            rows = unreliable.nonzero().squeeze(1)
+            exact = w_nk[rows].double() + scaling * (b[rows].double() @ a.double())
+            norm_squared[rows] = exact.square().sum(1).float()
+        return norm_squared.sqrt_()
+
+
+def column_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
+    """c = m / n (fp32 [N]), the per-output-column scale."""
+    return magnitude.detach().float() / norm
+
+
+def _keep(x: Tensor, options: LoraOptions) -> Tensor | None:
+    return dropout_keep_mask(options.seed, tuple(x.shape), options.dropout_p, x.device) if options.has_dropout else None
+
+
+def _masked(x: Tensor, keep: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """keep * X in ``dtype``, without the 1/(1-p) factor (folded into smaller operands by the callers)."""
+    x = x.to(dtype)
+    return x if keep is None else x * keep
+
+
+def _addmm_into(out: Tensor, left: Tensor, right: Tensor, alpha: float = 1.0) -> Tensor:
+    """out + alpha * left @ right, in place when the dtypes agree (else in left's dtype, cast back, as PEFT does)."""
+    if left.dtype == out.dtype:
+        return out.addmm_(left, right, alpha=alpha)
+    return (out + (left @ right) * alpha).to(out.dtype)
+
+
+def _add_low_rank(z: Tensor, s: Tensor, lora_b: Tensor, lora_bias: Tensor | None, scaling: float) -> Tensor:
+    """z + s * (S B^T + lora_bias)."""
+    z = _addmm_into(z, s, lora_b.t(), scaling)
+    if lora_bias is not None:
+        z.add_(lora_bias.to(z.dtype), alpha=scaling)
+    return z
+
+
+def dora_forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None,
+    magnitude: Tensor, norm: Tensor, *, options: LoraOptions, save_z: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(Y, S, Z)`` for 2-D ``x``: one base GEMM + in-place low-rank add + column scale without dropout."""
+    w = weight_nk(weight, options.weight_is_kn)
+    scale = column_scale(magnitude, norm)
+    keep = _keep(x, options)
+    if keep is None:
+        s = x.to(lora_a.dtype) @ lora_a.t()
+        z = _add_low_rank(F.linear(x, w), s, lora_b, lora_bias, options.scaling)
+        if bias is None:  # Y = c * Z in place; dm comes from the saved output
+            return z.mul_(scale.to(z.dtype)), s, None
+        # with a bias, Y - bias would cancel (a half-precision Y loses dm's digits): keep Z instead
+        return torch.addcmul(bias, z, scale.to(z.dtype)), s, z if save_z else None
+    inv_keep = 1.0 / (1.0 - options.dropout_p)
+    masked = _masked(x, keep, x.dtype)
+    s = (masked.to(lora_a.dtype) @ lora_a.t()).mul_(inv_keep)
+    y = F.linear(x, w, bias)
+    z = F.linear(masked, w).mul_(inv_keep)  # D W^T
+    y.sub_(z)
+    z = _add_low_rank(z, s, lora_b, lora_bias, options.scaling)
+    y.addcmul_(z, scale.to(y.dtype))
+    return y, s, z if save_z else None
+
+
+def _magnitude_grad(
+    dy: Tensor, x: Tensor, y: Tensor | None, weight_rows: Tensor, bias: Tensor | None, lora_b: Tensor,
+    lora_bias: Tensor | None, magnitude: Tensor, norm: Tensor, s: Tensor, z: Tensor | None, scaling: float,
+) -> Tensor:
+    """dm = sum_rows(dY * Z) / n, from the saved Z (dropout or bias) or the saved output Y (module docstring)."""
+    if z is not None:
+        return ((dy * z).sum(0, dtype=torch.float32) / norm).to(magnitude.dtype)
+    if y is None:
+        raise RuntimeError("DoRA backward: the magnitude gradient without dropout needs the saved output y")
+    m = magnitude.detach().float()
+    column_dots = (dy * y).sum(0, dtype=torch.float32)
+    if bias is not None:
+        column_dots -= bias.float() * dy.sum(0, dtype=torch.float32)
+    d_magnitude = column_dots / m
+    silent = (m == 0).nonzero().squeeze(1)  # Y_j = bias_j there: recompute Z_j for those columns only
+    if silent.numel():
+        z_cols = x @ weight_rows[silent].t()
+        z_cols = _add_low_rank(z_cols, s, lora_b[silent], None if lora_bias is None else lora_bias[silent], scaling)
+        d_magnitude[silent] = (dy[:, silent] * z_cols).sum(0, dtype=torch.float32) / norm[silent]
+    return d_magnitude.to(magnitude.dtype)
+
+
+def dora_backward(
+    dy: Tensor, x: Tensor, y: Tensor | None, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+    lora_bias: Tensor | None, magnitude: Tensor, norm: Tensor, s: Tensor, z_saved: Tensor | None, *,
+    options: LoraOptions, need: GradRequest, need_magnitude: bool,
+) -> DoraGrads:
+    """The gradients for 2-D ``dy``; None where not requested."""
+    w = weight_nk(weight, options.weight_is_kn)
+    scaling = options.scaling
+    g = dy * column_scale(magnitude, norm).to(dy.dtype)  # G = c * dY
+    g_lora = g.to(lora_b.dtype)
+    ds = (g_lora @ lora_b).mul_(scaling)
+    keep = _keep(x, options)  # regenerated once, shared by dA and dX
+    inv_keep = 1.0 / (1.0 - options.dropout_p) if keep is not None else 1.0
+    d_lora_a = d_lora_b = d_lora_bias = d_magnitude = dx = None
+    if need.dlora:
+        d_lora_b = (g_lora.t() @ s).mul_(scaling)
+        d_lora_a = (ds.t() @ _masked(x, keep, lora_a.dtype)).mul_(inv_keep)
+    if need.dlora_bias:
+        d_lora_bias = g_lora.sum(0).mul_(scaling)
+    d_bias = dy.sum(0) if need.dbias else None
+    if need_magnitude:
+        d_magnitude = _magnitude_grad(dy, x, y, w, bias, lora_b, lora_bias, magnitude, norm, s, z_saved, scaling)
+    if need.dx:
+        if keep is None:  # dX = G W + dS A: one GEMM, the low-rank term added in place
+            dx = _addmm_into(g @ w, ds, lora_a)
+        else:  # dX = dY W + drop'((G - dY) W + dS A)
+            dx = dy @ w
+            dropped_part = _addmm_into((g - dy) @ w, ds, lora_a)
+            dx.addcmul_(dropped_part.to(dx.dtype), keep, value=inv_keep)
+    return DoraGrads(dx, d_lora_a, d_lora_b, d_bias, d_lora_bias, d_magnitude)
+
+
+def dropped_input(x: Tensor, options: LoraOptions) -> Tensor:
+    """D = drop(X) (M x K), for the gradient of an unfrozen base weight only."""
+    keep = _keep(x, options)
+    return x if keep is None else x * keep * (1.0 / (1.0 - options.dropout_p))

@@ -1,0 +1,271 @@
+"""Fused DoRA: the autograd Function against float64 PEFT math, the row norm (cache, precision guard), and
+``patch`` on PEFT DoRA models (Llama, GPT-2's Conv1D) against PEFT itself."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from helpers import batch_for, tiny_peft_model
+from reference import TOLERANCE, assert_matches, peft_dora, relative_error
+
+import coto_kernels
+from coto_kernels import functional_dora
+from coto_kernels.functional_dora import dora_linear
+from coto_kernels.kernels import dora_torch
+from coto_kernels.kernels.dropout_mask import dropout_keep_mask
+
+
+def _inputs(m, k, n, r, dtype, *, kn=False, bias=True, lora_bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, grad=True):
+        return (torch.randn(*shape, generator=g) / shape[-1] ** 0.25).to(dtype).requires_grad_(grad)
+
+    return dict(
+        x=rand(m, k),
+        weight=rand(k, n, grad=False) if kn else rand(n, k, grad=False),
+        bias=rand(n) if bias else None,
+        lora_a=rand(r, k),
+        lora_b=rand(n, r),
+        lora_bias=rand(n) if lora_bias else None,
+        magnitude=(torch.rand(n, generator=g) + 0.5).requires_grad_(),  # fp32, as PEFT keeps it
+    )
+
+
+_GRAD_NAMES = dict(x="dx", bias="d_bias", lora_a="d_lora_a", lora_b="d_lora_b", lora_bias="d_lora_bias",
+                   magnitude="d_magnitude")
+
+
+def check_against_peft_math(t, dtype, *, scaling, dropout_p=0.0, kn=False, seed=3):
+    m, n = t["x"].shape[0], t["lora_b"].shape[0]
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    y = dora_linear(*t.values(), scaling=scaling, dropout_p=dropout_p, weight_is_kn=kn, seed=seed, backend="torch")
+    keep = dropout_keep_mask(seed, tuple(t["x"].shape), dropout_p, "cpu") if dropout_p else None
+    ref = peft_dora(*t.values(), scaling=scaling, keep=keep, dropout_p=dropout_p, weight_is_kn=kn, dy=dy)
+    assert y.dtype == t["x"].dtype
+    assert_matches(y, ref["y"], dtype, "y")
+    y.backward(dy)
+    for name, grad_name in _GRAD_NAMES.items():
+        if t[name] is None:
+            continue
+        assert t[name].grad is not None and t[name].grad.dtype == t[name].dtype, name
+        assert_matches(t[name].grad, ref[grad_name], dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("kn", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("m,k,n,r,lora_bias", [(37, 45, 29, 3, True), (64, 33, 70, 16, False)])
+def test_forward_and_every_gradient_match_float64_peft_formula(dtype, dropout_p, kn, m, k, n, r, lora_bias):
+    """PEFT's formula in float64 with the same dropout mask; the magnitude gradient included."""
+    t = _inputs(m, k, n, r, dtype, kn=kn, lora_bias=lora_bias)
+    check_against_peft_math(t, dtype, scaling=1.7, dropout_p=dropout_p, kn=kn)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_bf16_base_with_fp32_adapters(dropout_p):
+    """PEFT's default for a bf16 model: adapters and magnitude kept in fp32 over the bf16 base layer."""
+    t = _inputs(37, 45, 29, 3, torch.bfloat16, lora_bias=True)
+    for name in ("lora_a", "lora_b", "lora_bias"):
+        t[name] = t[name].detach().float().requires_grad_()
+    check_against_peft_math(t, torch.bfloat16, scaling=1.7, dropout_p=dropout_p)
+
+
+def test_tolerance_catches_an_undetached_or_wrong_norm():
+    """Wrong DoRA math (norm missing the update, magnitude ignored) moves y far beyond the bf16 tolerance."""
+    t = _inputs(37, 45, 29, 3, torch.float32)
+    ref = peft_dora(*t.values(), scaling=1.7)["y"]
+    no_update_in_norm = dict(t, lora_b=torch.zeros_like(t["lora_b"]))
+    norm_without_update = peft_dora(*no_update_in_norm.values(), scaling=1.7)["norm"]
+    assert relative_error(norm_without_update, peft_dora(*t.values(), scaling=1.7)["norm"]) > 0.05
+    unit_magnitude = dict(t, magnitude=torch.ones_like(t["magnitude"]))
+    assert relative_error(peft_dora(*unit_magnitude.values(), scaling=1.7)["y"], ref) > 10 * TOLERANCE[torch.bfloat16]
+
+
+def test_zero_magnitude_columns_get_their_gradient():
+    """Y_j = bias_j where m_j = 0: dm_j cannot come from the saved output and is recomputed."""
+    t = _inputs(20, 24, 12, 4, torch.float32)
+    with torch.no_grad():
+        t["magnitude"][[2, 7]] = 0.0
+    check_against_peft_math(t, torch.float32, scaling=0.9)
+
+
+def test_gate_off_is_the_base_layer_and_gives_the_adapter_no_gradient():
+    t = _inputs(10, 16, 8, 2, torch.float32)
+    y = dora_linear(*t.values(), scaling=2.0, dropout_p=0.1, gate=False, backend="torch")
+    torch.testing.assert_close(y, torch.nn.functional.linear(t["x"], t["weight"], t["bias"]), rtol=0, atol=0)
+    y.sum().backward()
+    assert all(t[name].grad is None for name in ("lora_a", "lora_b", "magnitude"))
+
+
+# -- the row norm ------------------------------------------------------------------------------------------------
+
+
+def _exact_norm(weight, lora_a, lora_b, scaling):
+    return torch.linalg.norm(weight.double() + scaling * lora_b.double() @ lora_a.double(), dim=1)
+
+
+def test_row_norm_matches_the_materialised_norm_and_lora_bias_enters_every_column():
+    t = _inputs(4, 300, 50, 8, torch.float32, lora_bias=True)
+    norm = dora_torch.dora_row_norm(t["weight"], t["lora_a"], t["lora_b"], t["lora_bias"], scaling=1.3,
+                                    weight_is_kn=False)
+    lora_weight = t["lora_b"] @ t["lora_a"] + t["lora_bias"][:, None]  # PEFT's B(A(I_K)) includes lora_B's bias
+    exact = torch.linalg.norm(t["weight"].double() + 1.3 * lora_weight.double(), dim=1)
+    assert relative_error(norm, exact) < TOLERANCE[torch.float32]
+    bf16 = {name: v.detach().to(torch.bfloat16) for name, v in t.items() if name in ("weight", "lora_a", "lora_b")}
+    norm_bf16 = dora_torch.dora_row_norm(bf16["weight"], bf16["lora_a"], bf16["lora_b"], None, scaling=1.3,
+                                         weight_is_kn=False)
+    assert norm_bf16.dtype == torch.float32  # the expansion runs in fp32 from bf16 operands
+    assert relative_error(norm_bf16, _exact_norm(bf16["weight"], bf16["lora_a"], bf16["lora_b"], 1.3)) < 1e-5
+
+
+def test_weight_norm_cache_is_reused_and_invalidated_when_the_weight_changes():
+    t = _inputs(4, 32, 16, 2, torch.float32)
+    weight = t["weight"]
+    first = dora_torch.weight_row_norms_squared(weight, False)
+    assert dora_torch.weight_row_norms_squared(weight, False) is first  # cached
+    with torch.no_grad():
+        weight[3].mul_(2.0)  # bumps the version counter
+    second = dora_torch.weight_row_norms_squared(weight, False)
+    assert second is not first and second[3] == pytest.approx(4 * first[3].item(), rel=1e-6)
+    weight.data[5].mul_(3.0)  # .data writes are invisible to the version counter ...
+    assert dora_torch.weight_row_norms_squared(weight, False) is second
+    dora_torch.clear_weight_norm_cache(weight)  # ... hence the explicit invalidation
+    assert dora_torch.weight_row_norms_squared(weight, False)[5] == pytest.approx(9 * second[5].item(), rel=1e-6)
+    norm = dora_torch.dora_row_norm(weight, t["lora_a"], t["lora_b"], None, scaling=0.5, weight_is_kn=False)
+    assert relative_error(norm, _exact_norm(weight, t["lora_a"], t["lora_b"], 0.5)) < TOLERANCE[torch.float32]
+
+
+def _nearly_cancelling(k=512, n=6, r=4):
+    """Rows 0 and 1 of W + s B A cancel to ~1e-4 of their parts' length; the other rows are ordinary."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(n, k, generator=g)
+    lora_a = torch.randn(r, k, generator=g) / k**0.5
+    lora_b = torch.randn(n, r, generator=g) * 0.1
+    scaling = 2.0
+    for row in (0, 1):  # put -W_j / s into the span of A, plus a tiny remainder
+        lora_a[row] = -weight[row] / scaling
+        lora_b[row] = 0.0
+        lora_b[row, row] = 1.0 - 1e-4
+    return weight, lora_a, lora_b, scaling
+
+
+def test_precision_guard_recomputes_cancelling_rows_exactly(monkeypatch):
+    weight, lora_a, lora_b, scaling = _nearly_cancelling()
+    exact = _exact_norm(weight, lora_a, lora_b, scaling)
+    guarded = dora_torch.dora_row_norm(weight, lora_a, lora_b, None, scaling=scaling, weight_is_kn=False)
+    assert ((guarded.double() - exact).abs() / exact).max() < 1e-5
+    monkeypatch.setattr(dora_torch, "CANCELLATION_GUARD", 0.0)  # the bare fp32 expansion is wrong there
+    bare = dora_torch.dora_row_norm(weight, lora_a, lora_b, None, scaling=scaling, weight_is_kn=False)
+    assert not torch.isfinite(bare[:2]).all() or ((bare[:2].double() - exact[:2]).abs() / exact[:2]).max() > 1e-3
+    assert ((bare[2:].double() - exact[2:]).abs() / exact[2:]).max() < 1e-5  # ordinary rows need no guard
+
+
+# -- patch on PEFT DoRA models -----------------------------------------------------------------------------------
+
+
+def _grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture
+def count_dora(monkeypatch):
+    calls = []
+    original = functional_dora.DoRAFunction.apply
+
+    def apply(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(functional_dora.DoRAFunction, "apply", apply)
+    return calls
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_patched_dora_matches_peft_at_p1(arch, autocast, count_dora):
+    ref = tiny_peft_model(arch, use_dora=True)
+    ours = copy.deepcopy(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # DoRA layers take the fused path: no fallback warning
+        controller = coto_kernels.patch(ours, schedule="off", seed=0)
+    assert all(controller.gates)
+    batch = batch_for(arch)
+    losses = []
+    for model in (ref, ours):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss)
+    n_layers = sum(isinstance(m, coto_kernels.layers.CoToLayerMixin) for m in ours.modules())
+    assert len(count_dora) == n_layers > 0
+    dtype = torch.bfloat16 if autocast else torch.float32
+    # the loss sums many layers' roundings: 4x the per-tensor tolerance (fp32 measured ~1e-7 relative)
+    assert relative_error(losses[1].detach(), losses[0].detach()) < 4 * TOLERANCE[dtype]
+    ref_grads, grads = _grads(ref), _grads(ours)
+    assert ref_grads.keys() == grads.keys()
+    assert any("lora_magnitude_vector" in name for name in grads)
+    for name, grad in grads.items():
+        if ref_grads[name] is None:
+            assert grad is None, name
+            continue
+        limit = TOLERANCE[dtype] if not autocast else 4 * TOLERANCE[dtype]  # gradients through 3 bf16 layers
+        assert relative_error(grad, ref_grads[name]) < limit, name
+
+
+def test_patched_dora_with_dropout_uses_the_shared_mask(count_dora):
+    """Training with dropout: the layer passes p and a seed to the fused Function, whose math is checked above;
+    its output matches PEFT's formula with that seed's mask."""
+    model = tiny_peft_model("llama", dropout=0.2, use_dora=True, num_layers=1)
+    coto_kernels.patch(model, schedule="off", seed=0)
+    model.train()
+    model(**batch_for("llama")).loss.backward()
+    p_values = {args[9] for args in count_dora}
+    assert p_values == {0.2}
+    layer = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    x = torch.randn(5, layer.in_features)
+    y = layer(x)
+    seed = count_dora[-1][10]
+    keep = dropout_keep_mask(seed, tuple(x.shape), 0.2, "cpu")
+    ref = peft_dora(x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A["default"].weight,
+                    layer.lora_B["default"].weight, None, layer.lora_magnitude_vector["default"].weight,
+                    scaling=layer.scaling["default"], keep=keep, dropout_p=0.2)
+    assert_matches(y, ref["y"], torch.float32, "y")
+    model.eval()  # eval: PEFT's no-dropout formula
+    ref_eval = peft_dora(x, layer.base_layer.weight, None, layer.lora_A["default"].weight,
+                         layer.lora_B["default"].weight, None, layer.lora_magnitude_vector["default"].weight,
+                         scaling=layer.scaling["default"])
+    assert_matches(layer(x), ref_eval["y"], torch.float32, "eval y")
+
+
+def test_gated_off_dora_layers_return_the_base_output_with_no_gradients():
+    model = tiny_peft_model("gpt2", use_dora=True)
+    coto_kernels.patch(model, schedule="off", seed=0)
+    for module in model.modules():
+        if isinstance(module, coto_kernels.layers.CoToLayerMixin):
+            module.coto_gate = False
+    model.train()
+    with model.disable_adapter():
+        base_loss = model(**batch_for("gpt2")).loss
+    loss = model(**batch_for("gpt2")).loss
+    torch.testing.assert_close(loss, base_loss, rtol=0, atol=0)
+    assert not loss.requires_grad  # no adapter (and no magnitude vector) is on the graph at all
+
+
+def test_save_pretrained_is_unchanged_by_patching_dora(tmp_path):
+    ref = tiny_peft_model("llama", use_dora=True)
+    ours = copy.deepcopy(ref)
+    coto_kernels.patch(ours, schedule="off", seed=0)
+    ref.save_pretrained(tmp_path / "ref")
+    ours.save_pretrained(tmp_path / "ours")
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "ref" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any("magnitude" in key for key in a)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    config = "adapter_config.json"
+    assert (tmp_path / "ref" / config).read_text() == (tmp_path / "ours" / config).read_text()
