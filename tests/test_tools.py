@@ -76,21 +76,43 @@ def _hand_model(arch, deltas, extra=None, num_layers=3):
 # -- selections ----------------------------------------------------------------------------------------------------
 
 
-def test_select_off_patterns():
+def test_select_off_keep_and_drop():
     blocks = lambda off: sorted({int(m.split(".")[4]) for m in off})  # noqa: E731
-    assert blocks(select_off(BLOCKS6, "every-other")) == [1, 3, 5]
-    assert blocks(select_off(BLOCKS6, "every-other-even")) == [0, 2, 4]
-    assert blocks(select_off(BLOCKS6, "low")) == [0, 1]
-    assert blocks(select_off(BLOCKS6, "middle")) == [2, 3]
-    assert blocks(select_off(BLOCKS6, "high")) == [4, 5]
-    assert select_off(BLOCKS6, keep_projections=["q_proj"]) == [m for m in BLOCKS6 if m.endswith("v_proj")]
-    assert select_off(BLOCKS6, groups=["base_model.model.model.layers.2"]) == BLOCKS6[4:6]
-    both = select_off(BLOCKS6, "high", keep_projections=["v_proj"])
+    # a label names what is KEPT (paper Figure r3); drop= names what is switched off
+    assert blocks(select_off(BLOCKS6, keep="low")) == [2, 3, 4, 5]
+    assert blocks(select_off(BLOCKS6, keep="middle")) == [0, 1, 4, 5]
+    assert blocks(select_off(BLOCKS6, keep="high")) == [0, 1, 2, 3]
+    assert blocks(select_off(BLOCKS6, drop="low")) == [0, 1]
+    assert blocks(select_off(BLOCKS6, drop="middle")) == [2, 3]
+    assert blocks(select_off(BLOCKS6, drop="high")) == [4, 5]
+    assert blocks(select_off(BLOCKS6, keep="even")) == [1, 3, 5]
+    assert blocks(select_off(BLOCKS6, keep="odd")) == [0, 2, 4]
+    assert blocks(select_off(BLOCKS6, drop="even")) == [0, 2, 4]
+    assert blocks(select_off(BLOCKS6, keep=["low", "high"])) == [2, 3]
+    assert select_off(BLOCKS6, keep="q_proj") == [m for m in BLOCKS6 if m.endswith("v_proj")]
+    assert select_off(BLOCKS6, drop="q_proj") == [m for m in BLOCKS6 if m.endswith("q_proj")]
+    assert select_off(BLOCKS6, drop=["base_model.model.model.layers.2"]) == BLOCKS6[4:6]
+    assert select_off(BLOCKS6, keep=BLOCKS6[:2]) == BLOCKS6[2:]
+    both = select_off(BLOCKS6, drop="high", keep="v_proj")
     assert len(both) == 4 + 4  # blocks 4, 5 entirely + q_proj of blocks 0..3
-    with pytest.raises(ValueError):
-        select_off(BLOCKS6, "top")
-    with pytest.raises(KeyError):
-        select_off(BLOCKS6, groups=["nonexistent"])
+    with pytest.raises(KeyError, match="top"):
+        select_off(BLOCKS6, keep="top")
+    with pytest.raises(KeyError, match="nonexistent"):
+        select_off(BLOCKS6, drop=["nonexistent"])
+    with pytest.raises(TypeError):
+        select_off(BLOCKS6)
+
+
+@pytest.mark.parametrize("selection, expected_off", [
+    ({"keep": "q_proj"}, {"k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    ({"keep": ["q_proj", "v_proj"]}, {"k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    ({"drop": "v_proj"}, {"v_proj"}),
+])
+def test_keep_only_projections_on_a_model(selection, expected_off):
+    model = tiny_peft_model("llama", num_layers=3)  # q, k, v, o, gate, up, down adapted in every block
+    off = select_off(model, **selection)
+    assert {m.rsplit(".", 1)[-1] for m in off} == expected_off
+    assert len(off) == 3 * len(expected_off)  # in every block
 
 
 # -- structured pruning -------------------------------------------------------------------------------------------
@@ -98,8 +120,8 @@ def test_select_off_patterns():
 
 @pytest.mark.parametrize("patched", [False, True])
 @pytest.mark.parametrize("selection", [
-    {"pattern": "every-other"}, {"pattern": "high"}, {"keep_projections": ["query", "value"]},
-    {"groups": ["base_model.model.bert.encoder.layer.1.attention.self.key"]},
+    {"keep": "even"}, {"keep": "high"}, {"drop": "high"}, {"keep": ["query", "value"]},
+    {"drop": ["base_model.model.bert.encoder.layer.1.attention.self.key"]},
 ])
 def test_pruned_eval_equals_zeroed_b(patched, selection):
     model = tiny_peft_model("bert", num_layers=3)
@@ -124,7 +146,7 @@ def test_pruned_forces_off_in_training_too():
     model = tiny_peft_model("llama", num_layers=3)
     controller = coto_kernels.patch(model, total_steps=10, seed=0)
     controller.set_step(10)  # p = 1: every gate on
-    off = select_off(model, "low")
+    off = select_off(model, drop="low")
     batch = batch_for("llama")
     reference = _zero_b(model, off).train()
     model.train()
@@ -139,7 +161,7 @@ def test_pruned_forces_off_in_training_too():
 def test_export_pruned_loads_in_vanilla_peft(arch, tmp_path):
     model = tiny_peft_model(arch, num_layers=3)
     batch = batch_for(arch, batch=2)
-    off = select_off(model, "every-other")
+    off = select_off(model, keep="even")
     coto_kernels.patch(model, total_steps=10, seed=0)
     with pruned(model, off):
         want = _out(model, batch)

@@ -2,7 +2,7 @@
 
     from coto_kernels.tools import LoraAdapter, pruned, select_off, export_pruned, merge_adapters, adapter_shapley
 
-    with pruned(model, select_off(model, "every-other")):   # evaluate with blocks 1, 3, 5... switched off
+    with pruned(model, select_off(model, keep="even")):   # evaluate with blocks 1, 3, 5... switched off
         accuracy = evaluate(model)
     merged = merge_adapters([model_seed0, model_seed1], method="ensemble")   # exact rank-sum adapter
     merged.save_pretrained("merged")                        # loads with peft.PeftModel.from_pretrained
@@ -13,17 +13,18 @@ Every produced adapter is written in PEFT's own format and loads without coto_ke
 from .adapter import LoraAdapter, load_peft_model
 from .merge import METHODS, as_adapter, interpolate, interpolation_curve, merge_adapters
 from .prune import (
-    PATTERNS,
+    BLOCK_SELECTIONS,
     adapter_blocks,
     export_pruned,
     lora_modules,
     magnitude_prune,
-    pattern_blocks,
     projection_of,
     prune_adapter,
     pruned,
     pruned_product,
     select_off,
+    selected_modules,
+    selection_blocks,
 )
 from .shapley import (
     ShapleyResult,
@@ -39,7 +40,7 @@ from .shapley import (
 
 __all__ = [
     "METHODS",
-    "PATTERNS",
+    "BLOCK_SELECTIONS",
     "LoraAdapter",
     "ShapleyResult",
     "adapter_blocks",
@@ -56,7 +57,8 @@ __all__ = [
     "lora_modules",
     "magnitude_prune",
     "merge_adapters",
-    "pattern_blocks",
+    "selected_modules",
+    "selection_blocks",
     "plot_shapley_heatmap",
     "projection_of",
     "prune_adapter",

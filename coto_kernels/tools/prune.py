@@ -6,14 +6,21 @@ Structured pruning switches whole adapters off. A switched-off module ``m`` comp
 
 which is exactly what a PEFT adapter with ``B_m = 0`` computes. Selections are made of module paths and
 groups; a *block* is the prefix of a module path up to its first numeric component (``...encoder.layer.3``),
-as in ``coto_kernels.block_prefix``. Patterns over the ``n`` adapted blocks, in index order:
+as in ``coto_kernels.block_prefix``.
 
-* ``"every-other"``: blocks 1, 3, 5, ... off (every other layer kept, starting with the first);
-  ``"every-other-even"``: blocks 0, 2, 4, ... off;
-* ``"low"`` / ``"middle"`` / ``"high"``: the first / second / third of ``torch.tensor_split(range(n), 3)`` off
+``select_off(model, keep=..., drop=...)`` names what stays on (``keep``) or what goes off (``drop``); as in the
+paper (Figure r3: "labels indicate the proportion of parameters retained") a label on its own is what is KEPT.
+A selection is one name or a list of names (their union); over the ``n`` adapted blocks, in index order:
+
+* ``"low"`` / ``"middle"`` / ``"high"``: the first / second / third of ``torch.tensor_split(range(n), 3)``
   (for 6 blocks: {0, 1}, {2, 3}, {4, 5});
-* ``keep_projections=("query", "value")``: every module whose projection (module path after its block, or
-  its last component) is not listed is switched off.
+* ``"even"`` / ``"odd"``: blocks 0, 2, 4, ... / blocks 1, 3, 5, ... (``keep="even"`` is the paper's
+  "every other layer", ``keep="odd"`` the other parity);
+* a projection name (``"query"``, ``"v_proj"``, ``"attention.self.key"``: matched against the module path
+  after its block, by suffix), a block prefix (``...encoder.layer.3``) or a module path.
+
+``keep=S`` switches off every module outside ``S``; ``drop=S`` switches off the modules in ``S``; given both,
+the union is off. ``keep="query"`` keeps only the query adapters (every block).
 
 ``pruned(model, off)`` switches the modules off for evaluation. On a model patched by ``coto_kernels.patch``
 it uses the controller's ``override`` (forced in train and eval), per group when the selection is a union of
@@ -47,8 +54,9 @@ from ..patching import CONTROLLER_KEY
 from .adapter import LoraAdapter
 from .checks import finite
 
-PATTERNS = ("every-other", "every-other-even", "low", "middle", "high")
+BLOCK_SELECTIONS = ("low", "middle", "high", "even", "odd")
 REFACTOR = ("svd", "exact")
+Selection = str | Sequence[str]
 
 
 def lora_modules(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Module]:
@@ -77,57 +85,66 @@ def _projection_matches(module: str, names: Iterable[str]) -> bool:
     return any(proj == n or proj.rsplit(".", 1)[-1] == n or proj.endswith("." + n) for n in names)
 
 
-def pattern_blocks(blocks: Sequence[str], pattern: str) -> list[str]:
-    """The blocks a named pattern switches off (see the module docstring)."""
-    n = len(blocks)
-    if pattern == "every-other":
-        return [b for i, b in enumerate(blocks) if i % 2 == 1]
-    if pattern == "every-other-even":
-        return [b for i, b in enumerate(blocks) if i % 2 == 0]
-    if pattern in ("low", "middle", "high"):
-        part = torch.tensor_split(torch.arange(n), 3)[("low", "middle", "high").index(pattern)]
+def selection_blocks(blocks: Sequence[str], name: str) -> list[str]:
+    """The blocks a block selection names (``"low"``, ``"middle"``, ``"high"``, ``"even"``, ``"odd"``)."""
+    if name in ("even", "odd"):
+        return [b for i, b in enumerate(blocks) if i % 2 == (name == "odd")]
+    if name in ("low", "middle", "high"):
+        part = torch.tensor_split(torch.arange(len(blocks)), 3)[("low", "middle", "high").index(name)]
         return [blocks[i] for i in part.tolist()]
-    raise ValueError(f"unknown pruning pattern {pattern!r}; expected one of {PATTERNS}")
+    raise ValueError(f"unknown block selection {name!r}; expected one of {BLOCK_SELECTIONS}")
+
+
+def selected_modules(modules: Sequence[str], selection: Selection) -> set[str]:
+    """The module paths a selection names: the union over its names (block selections, projection names, block
+    prefixes or module paths); a name that matches nothing raises ``KeyError``."""
+    names = [selection] if isinstance(selection, str) else list(selection)
+    chosen: set[str] = set()
+    blocks = adapter_blocks(modules)
+    for name in names:
+        if name in BLOCK_SELECTIONS:
+            hit_blocks = set(selection_blocks(blocks, name))
+            hit = [m for m in modules if block_prefix(m) in hit_blocks]
+        else:
+            hit = [m for m in modules if m == name or block_prefix(m) == name or _projection_matches(m, [name])]
+            if not hit:
+                raise KeyError(f"{name!r} matches no LoRA module (nor is it one of {BLOCK_SELECTIONS}); "
+                               f"modules are e.g. {list(modules)[:3]}")
+        chosen |= set(hit)
+    return chosen
 
 
 def select_off(
     modules: Iterable[str] | nn.Module,
-    pattern: str | None = None,
     *,
-    keep_projections: Sequence[str] | None = None,
-    groups: Sequence[str] | None = None,
+    keep: Selection | None = None,
+    drop: Selection | None = None,
 ) -> list[str]:
-    """Module paths to switch off: the union of a block ``pattern``, the modules outside ``keep_projections``
-    and the explicit ``groups`` (module paths, block prefixes such as ``...layer.3``, or projection names).
-
-    ``modules`` is a PEFT model or the list of its LoRA module paths; the result keeps model order.
-    """
+    """Module paths to switch off: every module outside ``keep`` plus every module in ``drop`` (see the module
+    docstring for the names). ``modules`` is a PEFT model or the list of its LoRA module paths; the result keeps
+    model order."""
+    if keep is None and drop is None:
+        raise TypeError("select_off needs keep= (what stays on) and/or drop= (what is switched off)")
     names = list(lora_modules(modules)) if isinstance(modules, nn.Module) else list(modules)
     off: set[str] = set()
-    if pattern is not None:
-        blocks = set(pattern_blocks(adapter_blocks(names), pattern))
-        off |= {m for m in names if block_prefix(m) in blocks}
-    if keep_projections is not None:
-        off |= {m for m in names if not _projection_matches(m, keep_projections)}
-    for g in groups or ():
-        hit = [m for m in names if m == g or block_prefix(m) == g or _projection_matches(m, [g])]
-        if not hit:
-            raise KeyError(f"{g!r} matches no LoRA module; modules are e.g. {names[:3]}")
-        off |= set(hit)
+    if keep is not None:
+        off |= set(names) - selected_modules(names, keep)
+    if drop is not None:
+        off |= selected_modules(names, drop)
     return [m for m in names if m in off]
 
 
 @contextlib.contextmanager
 def pruned(model: nn.Module, off: Iterable[str], adapter_name: str = "default") -> Iterator[list[str]]:
     """Evaluate ``model`` with the LoRA modules ``off`` switched off (module paths, block prefixes or projection
-    names, resolved by ``select_off(model, groups=off)``); yields the resolved module paths.
+    names, resolved by ``select_off(model, drop=off)``); yields the resolved module paths.
 
     Patched models: ``controller.override`` (per group) or per-layer ``coto_override``; vanilla PEFT models:
     per-layer ``_disable_adapters``. Everything is restored on exit.
     """
     layers = lora_modules(model, adapter_name)
     off = list(off)
-    off_modules = select_off(list(layers), groups=off) if off else []
+    off_modules = select_off(list(layers), drop=off) if off else []
     controller = model.__dict__.get(CONTROLLER_KEY)
     if controller is not None and set(controller.layer_names) == set(layers):
         group_of = controller.group_of_layer
@@ -157,7 +174,8 @@ def pruned(model: nn.Module, off: Iterable[str], adapter_name: str = "default") 
 
 def prune_adapter(adapter: LoraAdapter, off: Iterable[str]) -> LoraAdapter:
     """A copy of ``adapter`` with ``B_m = 0`` for every module in ``off`` (paths, blocks or projections)."""
-    off_modules = set(select_off(adapter.modules, groups=list(off)))
+    off = list(off)
+    off_modules = set(select_off(adapter.modules, drop=off)) if off else set()
     return adapter.map(lambda m, A, B, s: (A.clone(), torch.zeros_like(B) if m in off_modules else B.clone(), s))
 
 
