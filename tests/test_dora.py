@@ -269,3 +269,23 @@ def test_save_pretrained_is_unchanged_by_patching_dora(tmp_path):
     assert all(torch.equal(a[key], b[key]) for key in a)
     config = "adapter_config.json"
     assert (tmp_path / "ref" / config).read_text() == (tmp_path / "ours" / config).read_text()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fresh_dora_adapter_is_an_exact_no_op(arch):
+    """B = 0 after PEFT's init: m equals the row norm bit for bit, so c = 1 and the output is the base model's
+    (PEFT's own test_lora_use_dora_linear checks this with torch.allclose's default atol of 1e-8)."""
+    from helpers import tiny_model
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["c_attn", "c_proj", "c_fc"] if arch == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(tiny_model(arch), LoraConfig(r=4, target_modules=targets, use_dora=True))
+    coto_kernels.patch(model, schedule="off", seed=0)
+    batch = batch_for(arch)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(**batch).logits
+        dora = model(**batch).logits
+    assert torch.allclose(dora, base, rtol=1e-5, atol=1e-8)

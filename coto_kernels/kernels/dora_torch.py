@@ -6,10 +6,10 @@ norms. Here, with A' = [A; 1^T] and B' = [B, lora_bias] (the lora_bias column on
     n_j^2 = ||W_j||^2 + 2 s (W A'^T)_j . B'_j + s^2 B'_j (A' A'^T) B'_j^T
 
 in fp32: an N x r' product over K (``W A'^T``, ~r/M of the main GEMM), an r' x r' Gram matrix and row dots.
-``||W_j||^2`` is computed once in fp64 and cached per frozen weight, keyed on its storage pointer, shape, dtype
-and autograd version counter (an optimizer step or any in-place write through the tensor bumps it, so an
-unfrozen or merged weight is recomputed). Writes through ``weight.data`` do not bump the version counter:
-call ``clear_weight_norm_cache`` after such a write.
+``||W_j||^2`` is computed once (PEFT's own ``torch.linalg.norm``, squared) and cached per frozen weight, keyed
+on its storage pointer, shape, dtype and autograd version counter (an optimizer step or any in-place write
+through the tensor bumps it, so an unfrozen or merged weight is recomputed). Writes through ``weight.data`` do
+not bump the version counter: call ``clear_weight_norm_cache`` after such a write.
 
 **When the expansion loses precision.** Its rounding error is about u * (||W_j||^2 + ||s (B'A')_j||^2) (u the
 fp32 unit roundoff times the summation length's growth factor), so the *relative* error of n_j^2 is that over
@@ -47,7 +47,7 @@ __all__ = [
 #: Rows whose expanded n_j^2 falls below this fraction of ||W_j||^2 + ||s (BA)_j||^2 are recomputed exactly.
 CANCELLATION_GUARD = 0.25
 
-# Elements of one row chunk when W must be converted (fp64 ||W||^2, fp32 W A^T of a half-precision W).
+# Elements of one row chunk when a half-precision W is converted to fp32 (its ||W||^2 and W A^T).
 _CHUNK_ELEMENTS = 1 << 20
 
 # weight -> (key, ||W_j||^2 in fp32); weak, so a dropped model frees its entries.
@@ -71,13 +71,20 @@ def _row_chunks(w_nk: Tensor) -> list[Tensor]:
 
 
 def weight_row_norms_squared(weight: Tensor, weight_is_kn: bool) -> Tensor:
-    """||W_j||^2 (fp32 [N], summed in fp64), cached per weight until its storage or version changes."""
+    """||W_j||^2 (fp32 [N]), cached per weight until its storage or version changes."""
     key = _cache_key(weight)
     hit = _WEIGHT_NORMS.get(weight)
     if hit is not None and hit[0] == key:
         return hit[1]
     w_nk = weight_nk(weight.detach(), weight_is_kn)
-    value = torch.cat([rows.double().square().sum(1) for rows in _row_chunks(w_nk)]).float()
+    # PEFT's own reduction (``torch.linalg.norm(W, dim=1)``), squared: at B = 0 the expansion's sqrt gives that norm
+    # back bit for bit (sqrt(fl(x * x)) = x in binary floating point), so c = m / n is exactly 1 after PEFT's
+    # initialisation and a fresh DoRA adapter is an exact no-op, as PEFT's own tests require.
+    if w_nk.dtype == torch.float32:
+        norms = torch.linalg.norm(w_nk, dim=1)
+    else:
+        norms = torch.cat([torch.linalg.norm(rows.float(), dim=1) for rows in _row_chunks(w_nk)])
+    value = norms.square()
     _WEIGHT_NORMS[weight] = (key, value)
     return value
 
