@@ -48,7 +48,7 @@ ptxas-blackwell info    : Compile time = 3239.175 ms
 ptxas info    : Compiling entry function '_fused_gemm_kernel' for 'sm_90a'
 ptxas info    : Function properties for _fused_gemm_kernel
     3824 bytes stack frame, 6136 bytes spill stores, 7764 bytes spill loads
-ptxas info    : Used 255 registers, used 1 barriers, 3824 bytes cumulative stack size, 1024 bytes smem, 600 bytes cmem[0]
+ptxas info    : Used 255 registers, used 1 barriers, 3824 bytes cumulative stack size, 1024 bytes smem, 60 bytes cmem[0]
 """
 
 # cuobjdump -sass layout (absolute branch targets, encoding words on the next line): a loop 0x20..0x50 holding one
