@@ -1,6 +1,7 @@
 """The Triton backend behind the autograd Function and ``patch``: agrees with the PyTorch backend and with PEFT.
 
-Runs under the Triton CPU interpreter when there is no GPU (``conftest`` sets ``TRITON_INTERPRET=1``).
+Runs under the Triton CPU interpreter when there is no GPU (``conftest.py`` sets ``TRITON_INTERPRET=1``);
+the float64 reference and tolerances are ``reference.py``'s.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import copy
 
 import pytest
 import torch
-from conftest import batch_for, tiny_peft_model
+from helpers import batch_for, tiny_peft_model
+from reference import assert_matches, gated_lora
 
 import coto_kernels
 from coto_kernels.functional import lora_linear, triton_available
@@ -47,13 +49,12 @@ def test_backends_agree_on_the_same_inputs(gate, cublas_below_m):
         y.backward(dy)
         outputs[backend] = y.detach()
         grads[backend] = [t.grad for t in (x, bias, lora_a, lora_b)]
-    torch.testing.assert_close(outputs["triton"], outputs["torch"], rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads["triton"], grads["torch"], strict=True):
+    assert_matches(outputs["triton"], outputs["torch"], torch.float32, "y")
+    for name, got, want in zip(("dx", "d_bias", "d_lora_a", "d_lora_b"), grads["triton"], grads["torch"], strict=True):
         if want is None:
-            assert got is None
-        else:
-            # fp32, summed in another order: relative to the gradient's scale
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5 * want.abs().max().item())
+            assert got is None, name
+        else:  # fp32, summed in another order
+            assert_matches(got, want, torch.float32, name)
 
 
 def test_triton_dropout_matches_float64_with_its_own_mask():
@@ -62,17 +63,13 @@ def test_triton_dropout_matches_float64_with_its_own_mask():
     p, seed = 0.3, 99
     x, weight, bias, lora_a, lora_b = _operands(40, 36, 24, 4)
     y = lora_linear(x, weight, bias, lora_a, lora_b, scaling=2.0, dropout_p=p, seed=seed, backend="triton")
-    keep = lora_triton.dropout_keep_mask(seed, (40, 36), p, DEVICE).double()
-    xd = x.detach().double() * keep / (1 - p)
-    ref = x.detach().double() @ weight.double().t() + bias.detach().double()
-    ref = ref + 2.0 * xd @ lora_a.detach().double().t() @ lora_b.detach().double().t()
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
-    y.sum().backward()
-    ds = 2.0 * torch.ones(40, 24, dtype=torch.float64, device=DEVICE) @ lora_b.detach().double()
-    torch.testing.assert_close(lora_a.grad.double(), ds.t() @ xd, rtol=1e-5, atol=1e-5)
-    dx = torch.ones(40, 24, dtype=torch.float64, device=DEVICE) @ weight.double()
-    dx = dx + (ds @ lora_a.detach().double()) * keep / (1 - p)
-    torch.testing.assert_close(x.grad.double(), dx, rtol=1e-5, atol=1e-5)
+    keep = lora_triton.dropout_keep_mask(seed, (40, 36), p, DEVICE)
+    dy = torch.ones(40, 24, device=DEVICE)
+    ref = gated_lora(x, weight, bias, lora_a, lora_b, scaling=2.0, keep=keep, dropout_p=p, dy=dy)
+    assert_matches(y, ref["y"], torch.float32, "y")
+    y.backward(dy)
+    for name, got in (("dx", x.grad), ("d_bias", bias.grad), ("d_lora_a", lora_a.grad), ("d_lora_b", lora_b.grad)):
+        assert_matches(got, ref[name], torch.float32, name)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

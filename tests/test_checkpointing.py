@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import batch_for, tiny_peft_model
+from helpers import batch_for, tiny_peft_model
 
 import coto_kernels
 from coto_kernels import bench_scale

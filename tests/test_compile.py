@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import batch_for, tiny_model, tiny_peft_model
+from helpers import batch_for, tiny_model, tiny_peft_model
 from peft import LoraConfig, get_peft_model
 from torch._dynamo.backends.debugging import aot_eager
 

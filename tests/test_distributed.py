@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import batch_for, tiny_peft_model
+from helpers import batch_for, tiny_peft_model
 from torch import nn
 
 import coto_kernels

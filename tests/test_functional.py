@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import assert_matches, gated_lora
 
 from coto_kernels.functional import lora_linear, resolve_backend
 from coto_kernels.kernels import lora_torch
-
-# Tolerances next to the dtype: relative to the output's scale, tight enough that a transposed or mis-scaled
-# term (checked below) fails them.
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def _inputs(m, k, n, r, dtype, *, kn=False, bias=True, lora_bias=False, adapter_dtype=None, seed=0, lead=()):
@@ -30,37 +27,21 @@ def _inputs(m, k, n, r, dtype, *, kn=False, bias=True, lora_bias=False, adapter_
     )
 
 
-def reference(t, *, scaling, keep=None, dropout_p=0.0, gate=True, kn=False):
-    """float64 PyTorch reference of y = x W^T + b + g s (B A drop(x) + lora_bias); differentiable."""
-    d = {k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None) for k, v in t.items()}
-    w = d["weight"].t() if kn else d["weight"]
-    y = d["x"] @ w.t()
-    if d["bias"] is not None:
-        y = y + d["bias"]
-    if gate:
-        xd = d["x"] if keep is None else d["x"] * keep.double() / (1 - dropout_p)
-        delta = xd @ d["lora_a"].t() @ d["lora_b"].t()
-        if d["lora_bias"] is not None:
-            delta = delta + d["lora_bias"]
-        y = y + scaling * delta
-    return y, d
+_GRAD_NAMES = dict(x="dx", bias="d_bias", lora_a="d_lora_a", lora_b="d_lora_b", lora_bias="d_lora_bias")
 
 
-def _grads(t):
-    return {k: v.grad for k, v in t.items() if v is not None and v.requires_grad}
-
-
-def check(t, y, ref_y, ref_inputs, dtype, dy):
-    tol = TOLERANCE[dtype]
-    scale = ref_y.abs().max().item()
+def check(t, y, dtype, dy, **options):
+    """y and every input gradient of ``t`` against ``reference.gated_lora`` under ``options``."""
+    ref = gated_lora(**t, dy=dy, **options)
     assert y.dtype == t["x"].dtype
-    torch.testing.assert_close(y.double(), ref_y, atol=tol * scale, rtol=tol)
-    ref_y.backward(dy.double())
+    assert_matches(y, ref["y"], dtype, "y")
     y.backward(dy)
-    for name, grad in _grads(t).items():
-        ref = ref_inputs[name].grad
+    for name, grad_name in _GRAD_NAMES.items():
+        if t[name] is None or not t[name].requires_grad:
+            continue
+        grad = t[name].grad
         assert grad is not None and grad.dtype == t[name].dtype, name
-        torch.testing.assert_close(grad.double(), ref, atol=tol * ref.abs().max().item(), rtol=tol, msg=name)
+        assert_matches(grad, ref[grad_name], dtype, name)
 
 
 SHAPES = [(37, 45, 29, 3), (8, 16, 16, 1), (64, 33, 70, 16)]
@@ -73,25 +54,23 @@ def test_forward_and_grads_match_float64(dtype, m, k, n, r, kn):
     t = _inputs(m, k, n, r, dtype, kn=kn, lora_bias=True)
     y = lora_linear(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["lora_bias"], scaling=1.7,
                     weight_is_kn=kn, backend="torch")
-    ref_y, ref_inputs = reference(t, scaling=1.7, kn=kn)
-    check(t, y, ref_y, ref_inputs, dtype, torch.randn(m, n).to(dtype))
+    check(t, y, dtype, torch.randn(m, n).to(dtype), scaling=1.7, weight_is_kn=kn)
 
 
 def test_tolerance_catches_transposed_or_misscaled_terms():
     t = _inputs(37, 45, 29, 3, torch.bfloat16)
     y = lora_linear(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], scaling=1.7, backend="torch")
-    tol = TOLERANCE[torch.bfloat16]
-    for wrong in (reference(t, scaling=2 * 1.7)[0], reference(t, scaling=0.0)[0]):
+    assert_matches(y, gated_lora(**t, scaling=1.7)["y"], torch.bfloat16)
+    for wrong in (gated_lora(**t, scaling=2 * 1.7)["y"], gated_lora(**t, scaling=0.0)["y"]):
         with pytest.raises(AssertionError):
-            torch.testing.assert_close(y.double(), wrong, atol=tol * wrong.abs().max().item(), rtol=tol)
+            assert_matches(y, wrong, torch.bfloat16)
 
 
 def test_three_d_input_and_mixed_adapter_dtype():
     t = _inputs(5, 24, 20, 4, torch.bfloat16, adapter_dtype=torch.float32, lead=(3,))
     y = lora_linear(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], scaling=0.5, backend="torch")
     assert y.shape == (3, 5, 20)
-    ref_y, ref_inputs = reference(t, scaling=0.5)
-    check(t, y, ref_y, ref_inputs, torch.bfloat16, torch.randn(3, 5, 20).bfloat16())
+    check(t, y, torch.bfloat16, torch.randn(3, 5, 20).bfloat16(), scaling=0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -102,8 +81,7 @@ def test_dropout_uses_the_mask_regenerated_from_the_seed(dtype):
                     seed=seed, backend="torch")
     keep = lora_torch.dropout_keep_mask(seed, (40, 48), p, "cpu")
     assert abs(keep.float().mean().item() - (1 - p)) < 0.03
-    ref_y, ref_inputs = reference(t, scaling=2.0, keep=keep, dropout_p=p)
-    check(t, y, ref_y, ref_inputs, dtype, torch.randn(40, 24).to(dtype))
+    check(t, y, dtype, torch.randn(40, 24).to(dtype), scaling=2.0, keep=keep, dropout_p=p)
 
 
 def test_dropout_gradients_against_finite_differences():

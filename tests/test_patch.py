@@ -8,12 +8,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import ARCHS, batch_for, tiny_peft_model
+from helpers import ARCHS, batch_for, tiny_peft_model
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import coto_kernels
 from coto_kernels import functional
-from coto_kernels.patching import CoToLayerMixin, CoToLinear
+from coto_kernels.layers import CoToLayerMixin, CoToLinear
 
 
 def lora_grads(model):
@@ -169,7 +169,7 @@ def test_constant_schedule_is_plain_fused_lora():
 
 
 def test_bad_input_gets_clear_errors():
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     with pytest.raises(ValueError, match="no PEFT LoRA layers"):
         coto_kernels.patch(torch.nn.Sequential(torch.nn.Linear(3, 3)))
@@ -217,7 +217,7 @@ def test_saved_adapter_is_byte_identical_to_vanilla_peft_and_loads_there(tmp_pat
     for config in configs:
         config["target_modules"] = sorted(config["target_modules"])
     assert configs[0] == configs[1]
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "coto").eval()
     batch = batch_for("llama")
@@ -226,7 +226,7 @@ def test_saved_adapter_is_byte_identical_to_vanilla_peft_and_loads_there(tmp_pat
 
 
 def test_model_holding_lora_layers_without_peftmodel_wrapper():
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     base = tiny_model("llama")
     peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import batch_for, tiny_model, tiny_peft_model
+from helpers import batch_for, tiny_model, tiny_peft_model
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import coto_kernels
@@ -146,7 +146,7 @@ def test_export_pruned_loads_in_vanilla_peft(arch, tmp_path):
     adapter = export_pruned(model, off, tmp_path / "pruned")
     assert all(not adapter.B[m].any() for m in off)
     loaded = PeftModel.from_pretrained(tiny_model(arch, 3, 0), tmp_path / "pruned")
-    assert not any(isinstance(m, coto_kernels.patching.CoToLayerMixin) for m in loaded.modules())
+    assert not any(isinstance(m, coto_kernels.layers.CoToLayerMixin) for m in loaded.modules())
     assert set(lora_modules(loaded)) == set(lora_modules(model))  # exactly the adapted modules, no more
     torch.testing.assert_close(_out(loaded, batch), want, rtol=0, atol=1e-5)
 

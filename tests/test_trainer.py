@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_peft_model
+from helpers import tiny_peft_model
 from transformers import Trainer, TrainingArguments
 
 import coto_kernels

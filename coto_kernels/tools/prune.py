@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..gates import block_prefix, natural_key
+from ..patching import CONTROLLER_KEY
 from .adapter import LoraAdapter
 
 PATTERNS = ("every-other", "every-other-even", "low", "middle", "high")
@@ -126,7 +127,7 @@ def pruned(model: nn.Module, off: Iterable[str], adapter_name: str = "default") 
     layers = lora_modules(model, adapter_name)
     off = list(off)
     off_modules = select_off(list(layers), groups=off) if off else []
-    controller = model.__dict__.get("coto_controller")
+    controller = model.__dict__.get(CONTROLLER_KEY)
     if controller is not None and set(controller.layer_names) == set(layers):
         group_of = controller.group_of_layer
         off_groups = {group_of[m] for m in off_modules}

@@ -1,0 +1,84 @@
+"""Shared test helpers: tiny Hugging Face models built from configs (random weights, no downloads) and batches.
+
+Imported by the tests as ``from helpers import ...`` (pytest puts ``tests/`` on ``sys.path``); fixtures that use
+them live in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    RobertaConfig,
+)
+
+ARCHS = ("llama", "qwen2", "mistral", "gpt2", "bert", "roberta")
+
+_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "v_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bert": ["query", "key", "value", "dense"],
+    "roberta": ["query", "value"],
+}
+
+
+def tiny_model(arch: str, num_layers: int = 3, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised model of ``arch`` small enough for a CPU test."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=97, num_hidden_layers=num_layers, num_attention_heads=2)
+    decoder = dict(hidden_size=32, intermediate_size=48, num_key_value_heads=1, max_position_embeddings=64)
+    if arch == "llama":
+        return AutoModelForCausalLM.from_config(LlamaConfig(**common, **decoder))
+    if arch == "qwen2":
+        return AutoModelForCausalLM.from_config(Qwen2Config(**common, **decoder))
+    if arch == "mistral":
+        return AutoModelForCausalLM.from_config(MistralConfig(**common, **decoder, sliding_window=None))
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=97, bos_token_id=0, eos_token_id=0, n_layer=num_layers, n_head=2, n_embd=32,
+                            n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return AutoModelForCausalLM.from_config(config)
+    encoder = dict(hidden_size=32, intermediate_size=48, max_position_embeddings=64, num_labels=3,
+                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    if arch == "bert":
+        return AutoModelForSequenceClassification.from_config(BertConfig(**common, **encoder))
+    if arch == "roberta":
+        return AutoModelForSequenceClassification.from_config(
+            RobertaConfig(**common, **encoder, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+        )
+    raise ValueError(arch)
+
+
+def tiny_peft_model(arch: str = "llama", *, num_layers: int = 3, r: int = 4, dropout: float = 0.0, seed: int = 0,
+                    **lora_kwargs) -> torch.nn.Module:
+    """``tiny_model`` wrapped in PEFT LoRA with nonzero B, so every gradient path is exercised."""
+    model = tiny_model(arch, num_layers, seed)
+    task = "SEQ_CLS" if arch in ("bert", "roberta") else "CAUSAL_LM"
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=_TARGETS[arch],
+                        task_type=task, **lora_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fan_in_fan_out notice for GPT-2
+        peft_model = get_peft_model(model, config)
+    torch.manual_seed(seed + 1)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:  # PEFT initialises B to zero; make the update nonzero
+            torch.nn.init.normal_(param, std=0.1)
+    return peft_model
+
+
+def batch_for(arch: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (batch, seq), generator=generator)
+    if arch in ("bert", "roberta"):
+        return {"input_ids": ids, "labels": torch.randint(0, 3, (batch,), generator=generator)}
+    return {"input_ids": ids, "labels": ids.clone()}
