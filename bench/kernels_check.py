@@ -36,9 +36,14 @@ How, without hard-coding the kernels:
    element it owns. The S/dA target with dropout is <= 8 (issue 9); it is reported, not enforced.
 
 Results go to ``docs/kernels_check.{md,json}``. The JSON doubles as a cache: a compile whose key (Triton's
-cache key: Triton and ptxas versions, kernel source, specialisation, target, options) is already in it is not
-redone, so an unchanged tree checks in seconds; ``--recheck N`` recompiles N cached entries and fails if
-their numbers moved, ``--no-cache`` recompiles everything.
+cache key: Triton and ptxas versions, the kernel's source and line, specialisation, target, options) is already
+in it is not redone, so an unchanged tree checks in about a minute (imports and recording); ``--recheck N``
+recompiles N cached entries and fails if their numbers moved, ``--no-cache`` recompiles everything. A cold full
+grid is ~750 compiles for sm_80 + sm_90 (1-3 s each): run ``make kernels-check`` to completion after changing
+the kernels and commit the report. CI (``.ci/run``) passes ``--budget-s 300``: it compiles what is not cached,
+the issue's setting first (bf16, sm_90), until the budget, and reports the rest as not checked (INCOMPLETE;
+``--require-complete`` makes that fail). sm_100 builds with the installed Triton and is opt-in
+(``--targets sm_80,sm_90,sm_100``: ~50% more compiles).
 
 CUDA sources: every ``csrc/*.cu`` is compiled to an object for sm_80 and sm_90 with
 ``nvcc -Icsrc -Werror all-warnings -Xptxas -v,-warn-spills,-Werror``; spills and stack frames fail.
@@ -297,17 +302,27 @@ def _torch_switches(scenario: Scenario) -> Iterator[None]:
         torch.use_deterministic_algorithms(deterministic)
 
 
-def record_launches(backend, grid: list[Scenario], target: Target) -> list[Launch]:
-    """The launches ``backend``'s host functions make for each scenario on ``target`` (nothing runs)."""
+_FAKE_MODE: list = []
+
+
+def _fake_mode():
+    """One FakeTensorMode for every recording: fake tensors a backend memoises stay valid in later scenarios."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    if not _FAKE_MODE:
+        _FAKE_MODE.append(FakeTensorMode())
+    return _FAKE_MODE[0]
+
+
+def record_launches(backend, grid: list[Scenario], target: Target) -> list[Launch]:
+    """The launches ``backend``'s host functions make for each scenario on ``target`` (nothing runs)."""
     launches: list[Launch] = []
     context: dict = {}
     _clear_caches(backend)
     with fake_cuda_device(target), recording_launches(launches, context):
         for scenario in grid:
             context["scenario"] = scenario
-            with _torch_switches(scenario), FakeTensorMode():
+            with _torch_switches(scenario), _fake_mode():
                 try:
                     _run_scenario(backend, scenario, context)
                 except Exception as error:
@@ -859,15 +874,19 @@ def write_report(out: Path, meta: dict, jobs: list[CompileJob], results: dict[in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", choices=("full", "quick"), default="full")
-    parser.add_argument("--targets", default="sm_80,sm_90,sm_100", help="comma-separated; unsupported ones skip")
+    parser.add_argument("--targets", default="sm_80,sm_90", help="comma-separated (sm_80, sm_90, sm_100); "
+                        "those the installed Triton cannot build are skipped")
     parser.add_argument("--only", default=None, help="only kernels whose name contains this")
     parser.add_argument("--jobs", type=int, default=2, help="compile processes")
     parser.add_argument("--out", type=Path, default=DOCS, help="writes OUT.md and OUT.json")
     parser.add_argument("--no-cache", action="store_true", help="recompile what the previous OUT.json has")
     parser.add_argument("--recheck", type=int, default=2, help="recompile N cached compiles; fail if they moved")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="stop compiling after this long (progress is kept); unchecked compiles fail the run")
+                        help="stop compiling after this long (progress is kept in OUT.json)")
+    parser.add_argument("--require-complete", action="store_true",
+                        help="fail when some compile is neither cached nor checked (after --budget-s)")
     parser.add_argument("--native-only", action="store_true", help="only compile csrc/*.cu")
+    parser.add_argument("--dry-run", action="store_true", help="record and count the compiles, compile nothing")
     args = parser.parse_args(argv)
     started = time.monotonic()
     if args.native_only:
@@ -892,6 +911,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"recorded {n_launches} launches over {len(grid)} scenarios x {len(targets)} targets "
           f"({time.monotonic() - started:.1f} s): {len(jobs)} distinct compiles", flush=True)
 
+    if args.dry_run:
+        counts: dict[tuple[str, str], int] = {}
+        for job in jobs:
+            counts[job.name, job.target.name] = counts.get((job.name, job.target.name), 0) + 1
+        for (name, target), count in sorted(counts.items()):
+            print(f"  {name} {target}: {count}")
+        return 0
     json_path = args.out.with_suffix(".json")
     cache = {} if args.no_cache else load_cache(json_path)
     results: dict[int, dict] = {}
@@ -937,10 +963,11 @@ def main(argv: list[str] | None = None) -> int:
     for line in moved:
         print(f"FAIL cached result does not reproduce: {line}")
     if unchecked:
-        print(f"FAIL {len(unchecked)} compiles not checked within --budget-s {args.budget_s:g}; the results so far "
-              f"are saved: run `make kernels-check` again (it resumes) and commit {args.out.name}.*")
+        print(f"{'FAIL' if args.require_complete else 'WARNING'}: {len(unchecked)} compiles not checked within "
+              f"--budget-s {args.budget_s:g} (the report says INCOMPLETE); run `make kernels-check` to completion "
+              f"(it resumes from {json_path.name}) and commit {args.out.name}.*")
     native_failed = any(item["problems"] for item in native)
-    ok = not (failing or moved or unchecked or native_failed)
+    ok = not (failing or moved or native_failed or (unchecked and args.require_complete))
     print(f"kernels-check: {'PASS' if ok else 'FAIL'} ({len(rows)} compiles, {len(failing)} failing, "
           f"{len(unchecked)} unchecked; {time.monotonic() - started:.0f} s); wrote {args.out}.md/.json")
     return 0 if ok else 1
