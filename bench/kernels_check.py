@@ -1,7 +1,7 @@
 """Compile every launch of the Triton backend for real GPU targets, without a GPU, and check its resources.
 
     python bench/kernels_check.py                  # the full grid; reuses docs/kernels_check.json where it matches
-    python bench/kernels_check.py --grid quick     # bf16, r 16, sm_90 only: a few seconds per changed kernel
+    python bench/kernels_check.py --grid quick --targets sm_90   # bf16, r 16, p 0/0.1: ~30 compiles
     python bench/kernels_check.py --native-only    # only compile csrc/*.cu with nvcc
 
 How, without hard-coding the kernels:
@@ -157,6 +157,7 @@ VARIANTS = {
     "odd-shape": dict(m=1000, k=4100, n=4100),
     "seed%16==0": dict(seed=1232),
     "M=1": dict(m=1),
+    "lm-head-128k": dict(m=16384, n=131072),  # M x N > 2**31: offsets need 64 bits
 }
 
 

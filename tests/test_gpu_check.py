@@ -32,3 +32,34 @@ def test_gpu_check_quick_runs_and_reports(tmp_path):
     assert [t["verdict"] for t in data["targets"]] == ["n/a (quick)"] * 4
     markdown = report.with_suffix(".md").read_text()
     assert "## Targets" in markdown and "## End to end" in markdown and "quick smoke run" in markdown
+
+
+def _load_gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_targets_take_the_worst_target_shape_and_apply_each_bound():
+    gpu_check = _load_gpu_check()
+
+    def row(m, p, g1, peft, base=1.0, g0=1.0):
+        return {"m": m, "r": 16, "p": p, "g1/peft": g1 / peft, "g1/base": g1 / base, "g0/base": g0 / base}
+
+    rows = [row(2048, 0.0, 5.0, 1.0),  # M < 8192: not a target shape, ignored however bad
+            row(8192, 0.0, 1.05, 1.40), row(16384, 0.0, 1.10, 1.40, g0=1.02),
+            row(8192, 0.05, 1.11, 1.50), row(16384, 0.05, 1.13, 1.50)]
+    table = {(t["target"], t["dropout"]): t for t in gpu_check.targets_table(rows, quick=False)}
+    peft0 = table["ours (gate on) / PEFT", 0.0]
+    assert peft0["worst"] == pytest.approx(1.10 / 1.40) and peft0["verdict"] == "PASS"  # 0.786 <= 0.80
+    peft5 = table["ours (gate on) / PEFT", 0.05]
+    assert peft5["worst"] == pytest.approx(1.13 / 1.50) and peft5["verdict"] == "FAIL"  # 0.753 > 0.75
+    base = table["ours (gate on) / frozen base", "any"]
+    assert base["worst"] == pytest.approx(1.13) and base["at"] == "M=16384 p=0.05" and base["verdict"] == "FAIL"
+    gate_off = table["ours (gate off) / frozen base", "any"]
+    assert gate_off["worst"] == pytest.approx(1.02) and gate_off["verdict"] == "FAIL"
+    assert all(t["verdict"] == "-" for t in gpu_check.targets_table(rows[:1], quick=False))
