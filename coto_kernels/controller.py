@@ -1,18 +1,24 @@
-"""The CoTo controller: owns the schedule, draws the gates each optimizer step and hands them to the layers."""
+"""The CoTo controller: owns the schedule, draws the gates each optimizer step and hands them to the layers.
+
+It depends only on the config, the schedule and the gate sampler. The layers above it plug in: ``patch``
+resolves the seed (a broadcast under ``torch.distributed``) and builds the controller; the Trainer
+integration (``coto_kernels.callbacks``) registers the callback class that ``callback()`` returns.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Protocol
 
 import torch
+import torch.distributed as dist
 
-from .gates import draw_gates, group_names
-from .schedule import Schedule, activation_probability, validate_schedule_options
-
-if TYPE_CHECKING:
-    from transformers import TrainerCallback
+from .config import CoToConfig, Schedule, as_int, as_real
+from .gates import draw_gates, group_names, random_seed
+from .schedule import activation_probability
 
 
 class GatedLayer(Protocol):
@@ -22,66 +28,107 @@ class GatedLayer(Protocol):
     coto_override: bool | None
 
 
+class _ConfigField:
+    """A read-only attribute of the controller that reads the field of the same name of its ``CoToConfig``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, controller: CoToController | None, owner: type | None = None) -> Any:
+        return self if controller is None else getattr(controller.config, self.name)
+
+    def __set__(self, controller: CoToController, value: Any) -> None:  # never shadowed by an instance attribute
+        raise AttributeError(f"CoToController.{self.name} is read-only: it comes from the CoToConfig given to patch")
+
+
 class CoToController:
     """Schedule + gate sampler for a patched model; returned by ``coto_kernels.patch``.
 
-    Call ``step()`` after every optimizer step (or use ``callback()`` with a ``transformers.Trainer``).
-    ``gates[i]`` tells whether group ``groups[i]`` is on for the current optimizer step; gates are valid right
-    after construction. In ``model.eval()`` every adapter is on, whatever the gates, unless ``override`` says
-    otherwise.
+    Call ``step()`` after every optimizer step (or pass ``coto_kernels.CoToCallback(controller)`` to a
+    ``transformers.Trainer``). ``gates[i]`` tells whether group ``groups[i]`` is on for the current optimizer step;
+    gates are valid right after construction. In ``model.eval()`` every adapter is on, whatever the gates, unless
+    ``override`` says otherwise.
+
+    ``config`` holds the options (``CoToConfig``); keyword options build or override it, as in ``patch``. Without a
+    seed one is drawn from torch's default generator; under ``torch.distributed`` pass one (``patch`` passes rank
+    0's), since every rank must draw the same gates.
     """
 
-    def __init__(
-        self,
-        layers: Mapping[str, GatedLayer],
-        *,
-        total_steps: int | None = None,
-        initial_p: float = 0.1,
-        final_p: float = 1.0,
-        stage1_ratio: float = 0.75,
-        schedule: Schedule = "linear",
-        granularity: str = "layer",
-        seed: int | None = None,
-    ) -> None:
-        validate_schedule_options(initial_p, final_p, stage1_ratio, schedule)
+    #: The ``transformers.TrainerCallback`` class ``callback()`` builds. ``coto_kernels.callbacks`` sets it when it
+    #: is imported (``import coto_kernels`` does), so this module never imports the Trainer integration above it.
+    trainer_callback: ClassVar[Callable[..., Any] | None] = None
+
+    def __init__(self, layers: Mapping[str, GatedLayer], config: CoToConfig | None = None, **options: Any) -> None:
+        config = CoToConfig.build(config, **options)
         if not layers:
             raise ValueError("CoTo found no LoRA layers to gate")
-        self.initial_p = initial_p
-        self.final_p = final_p
-        self.stage1_ratio = stage1_ratio
-        self.schedule = schedule
-        self.granularity = granularity
+        if config.seed is None:
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                raise ValueError(
+                    "CoToController needs a seed under torch.distributed (each rank would draw its own): pass "
+                    "seed=..., or use coto_kernels.patch, which broadcasts rank 0's"
+                )
+            config = CoToConfig.build(config, seed=random_seed())
+        self._config = config
+        self._index_layers(dict(layers))
+        self._step = 0
+        self._warned_stale_grads = False
+        self.p = config.initial_p
+        self.gates: list[bool] = []
+        self.redraw()
+
+    def _index_layers(self, layers: dict[str, GatedLayer]) -> None:
+        self._layers = layers
         self.layer_names = list(layers)
-        self.groups, group_of_layer = group_names(self.layer_names, granularity)
+        self.groups, group_of_layer = group_names(self.layer_names, self.granularity)
         self._members: list[list[GatedLayer]] = [[] for _ in self.groups]
         for layer, group in zip(layers.values(), group_of_layer):
             self._members[group].append(layer)
         self.group_of_layer = dict(zip(self.layer_names, (self.groups[g] for g in group_of_layer)))
-        self.total_steps = total_steps
-        # Without a seed, one comes from torch's default generator, so torch.manual_seed fixes the run; under
-        # torch.distributed every rank takes rank 0's (a broadcast), so ranks draw the same gates.
-        if seed is None:
-            from .distributed import broadcast_seed
 
-            seed = broadcast_seed(int(torch.randint(0, 2**62, (1,))))
-        self.seed = int(seed)
-        self._step = 0
-        self.p = initial_p
-        self.gates: list[bool] = []
+    def add_layers(self, layers: Mapping[str, GatedLayer]) -> None:
+        """Gate layers created after ``patch`` (e.g. by ``add_adapter`` on other target modules).
+
+        The groups are recomputed over all layers, exactly as if the controller had been built with them from the
+        start (a new block becomes a new group, in block order), and the current step's gates are redrawn and
+        applied, so the new layers are gated at once.
+        """
+        known = sorted(set(layers) & set(self._layers))
+        if known:
+            raise ValueError(f"CoTo already gates the layers {known}")
+        self._index_layers({**self._layers, **layers})
         self.redraw()
 
-    # -- schedule ------------------------------------------------------------------------------------------
+    # -- options ---------------------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> CoToConfig:
+        """The run's options, with the resolved seed (frozen; ``total_steps`` is settable on the controller)."""
+        return self._config
 
     @property
     def total_steps(self) -> int | None:
         """Total optimizer steps of the run; the schedule ramps over ``stage1_ratio`` of them."""
-        return self._total_steps
+        return self._config.total_steps
 
     @total_steps.setter
     def total_steps(self, value: int | None) -> None:
-        if value is not None and (int(value) != value or value <= 0):
-            raise ValueError(f"total_steps must be a positive integer or None, got {value!r}")
-        self._total_steps = None if value is None else int(value)
+        self._config = CoToConfig.build(self._config, total_steps=value)
+
+    # Read-only views of the config's fields (CoToConfig documents each); the seed is the resolved one.
+    initial_p: float = _ConfigField()
+    final_p: float = _ConfigField()
+    stage1_ratio: float = _ConfigField()
+    schedule: Schedule = _ConfigField()
+    granularity: str = _ConfigField()
+    seed: int = _ConfigField()
+
+    @property
+    def can_skip_adapters(self) -> bool:
+        """Whether the schedule can switch an adapter off (``schedule="off"`` keeps every adapter on)."""
+        return self.schedule != "off" or self.initial_p < 1.0
+
+    # -- schedule ------------------------------------------------------------------------------------------
 
     @property
     def global_step(self) -> int:
@@ -89,24 +136,34 @@ class CoToController:
         return self._step
 
     def step(self) -> None:
-        """Advance by one optimizer step and draw the gates for the next one."""
+        """Advance by one optimizer step and draw the gates for the next one.
+
+        Warns once if an adapter that was off for the finished step holds a gradient: the optimizer step just
+        taken moved it (AdamW: momentum, weight decay) although CoTo skipped it. ``zero_grad(set_to_none=False)``
+        and compiled graphs leave such zero gradients; ``attach_optimizer`` clears them before the step.
+        """
+        self._warn_on_stale_inactive_grads()
         self.set_step(self._step + 1)
 
     def set_step(self, step: int) -> None:
-        """Jump to ``step`` completed optimizer steps (resuming) and draw its gates."""
+        """Jump to ``step`` completed optimizer steps (resuming) and draw its gates.
+
+        Nothing changes when it raises (e.g. a ramping schedule without ``total_steps``).
+        """
+        step = as_int("step", step)
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        self._step = int(step)
-        self.redraw()
+        p, gates = self._draw(self._config, step)
+        self._step, self.p, self.gates = step, p, gates
+        self._apply(gates)
 
     def redraw(self) -> None:
         """Recompute p for the current step and draw the gates; deterministic in (seed, step)."""
-        self.p = activation_probability(
-            self._step, self._total_steps, initial_p=self.initial_p, final_p=self.final_p,
-            stage1_ratio=self.stage1_ratio, schedule=self.schedule,
-        )
-        self.gates = draw_gates(len(self.groups), self.p, self.seed, self._step)
-        self._apply(self.gates)
+        self.set_step(self._step)
+
+    def _draw(self, config: CoToConfig, step: int) -> tuple[float, list[bool]]:
+        p = activation_probability(step, config=config)
+        return p, draw_gates(len(self.groups), p, config.seed, step)
 
     def _apply(self, gates: Sequence[bool]) -> None:
         for members, on in zip(self._members, gates):
@@ -142,6 +199,20 @@ class CoToController:
         """Run ``clear_inactive_grads`` before every ``optimizer.step()``; returns the hook handle."""
         return optimizer.register_step_pre_hook(lambda *_: self.clear_inactive_grads())
 
+    def _warn_on_stale_inactive_grads(self) -> None:
+        if self._warned_stale_grads:
+            return
+        stale = sum(1 for param in self.inactive_parameters() if param.grad is not None)
+        if stale:
+            self._warned_stale_grads = True
+            warnings.warn(
+                f"CoTo: {stale} parameters of gated-off adapters had a gradient at this optimizer step (zeros left "
+                "by optimizer.zero_grad(set_to_none=False) or by a compiled graph), so the optimizer moved them "
+                "(AdamW: momentum, weight decay) although CoTo skipped them. Use zero_grad(set_to_none=True) or "
+                "call controller.attach_optimizer(optimizer) once before training.",
+                stacklevel=3,
+            )
+
     # -- forcing adapters off (evaluation, pruning) ---------------------------------------------------------
 
     def _as_gate_list(self, gates: Sequence[bool] | Mapping[str, bool]) -> list[bool]:
@@ -155,6 +226,10 @@ class CoToController:
             raise ValueError(f"expected {len(self.groups)} gates (one per group), got {len(gates)}")
         return gates
 
+    def overrides(self) -> dict[str, bool | None]:
+        """What each adapted layer is forced to (``True``/``False``), or ``None`` where the schedule decides."""
+        return {name: getattr(layer, "coto_override", None) for name, layer in self._layers.items()}
+
     def set_override(self, gates: Sequence[bool] | Mapping[str, bool] | None) -> None:
         """Force groups on/off in training *and* evaluation (``None`` returns control to the schedule).
 
@@ -167,60 +242,91 @@ class CoToController:
 
     @contextlib.contextmanager
     def override(self, gates: Sequence[bool] | Mapping[str, bool]) -> Iterator[None]:
-        """Context manager form of ``set_override``: e.g. evaluate with the top third of blocks switched off."""
+        """Context manager form of ``set_override``: e.g. evaluate with the top third of blocks switched off.
+
+        On exit every layer gets back the override it had before (nested overrides, or one made with
+        ``set_override``, survive), not ``None``.
+        """
+        previous = self.overrides()
         self.set_override(gates)
         try:
             yield
         finally:
-            self.set_override(None)
+            for name, forced in previous.items():
+                self._layers[name].coto_override = forced
 
     # -- integration ----------------------------------------------------------------------------------------
 
-    def callback(self, check_gates_every: int | None = None) -> TrainerCallback:
-        """A ``transformers.TrainerCallback`` that drives this controller from a ``Trainer``.
+    def callback(self, check_gates_every: int | None = None) -> Any:
+        """Alias of ``coto_kernels.CoToCallback(self, check_gates_every=...)``: a ``transformers.TrainerCallback``
+        that drives this controller from a ``Trainer``.
 
         ``check_gates_every``: in multi-process runs, also check every that many optimizer steps that all ranks
         hold the same gates (always checked at train begin).
         """
-        from .callbacks import CoToCallback
-
-        return CoToCallback(self, check_gates_every=check_gates_every)
+        if self.trainer_callback is None:
+            raise RuntimeError("the Trainer integration is not loaded: import coto_kernels.callbacks")
+        return self.trainer_callback(self, check_gates_every=check_gates_every)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state; with ``load_state_dict`` a resumed run continues the same schedule."""
-        return {
-            "step": self._step,
-            "p": self.p,
-            "gates": list(self.gates),
-            "groups": list(self.groups),
-            "total_steps": self._total_steps,
-            "initial_p": self.initial_p,
-            "final_p": self.final_p,
-            "stage1_ratio": self.stage1_ratio,
-            "schedule": self.schedule if isinstance(self.schedule, str) else None,
-            "granularity": self.granularity,
-            # The sampler is a pure function of (seed, step): this is its whole RNG state.
-            "rng": {"seed": self.seed},
-        }
+        options = self._config.to_dict()
+        # The sampler is a pure function of (seed, step): the seed is its whole RNG state.
+        seed = options.pop("seed")
+        return {"step": self._step, "p": self.p, "gates": list(self.gates), "groups": list(self.groups), **options,
+                "rng": {"seed": seed}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a state from ``state_dict``; the groups must match this model's."""
+        """Restore a state from ``state_dict``; the groups must match this model's.
+
+        Everything is checked before anything is applied: on an error the controller is unchanged.
+        """
+        config, step, saved_p, saved_gates = self._parse_state(state)
+        p, gates = self._draw(config, step)
+        if not math.isclose(p, saved_p, rel_tol=1e-9, abs_tol=1e-12) or gates != saved_gates:
+            raise RuntimeError(
+                f"CoTo state did not reproduce its p and gates at step {step} (saved p={saved_p}, gates "
+                f"{[int(g) for g in saved_gates]}; recomputed p={p}, gates {[int(g) for g in gates]}); was it edited "
+                "or saved by another version?"
+            )
+        self._config = config
+        self._step, self.p, self.gates = step, p, gates
+        self._apply(gates)
+
+    def _parse_state(self, state: Mapping[str, Any]) -> tuple[CoToConfig, int, float, list[bool]]:
+        """The config, step, p and gates a saved state describes; raises ``ValueError`` naming what is wrong."""
+        required = ("step", "p", "gates", "groups", "rng", "initial_p", "final_p", "stage1_ratio", "total_steps")
+        missing = [key for key in required if key not in state]
+        if missing:
+            raise ValueError(f"CoTo state lacks {missing}")
         if list(state["groups"]) != self.groups:
             raise ValueError("CoTo state was saved for different adapter groups than this model has")
-        if state.get("schedule") is not None and state["schedule"] != self.schedule:
-            raise ValueError(f"CoTo state uses schedule {state['schedule']!r}, this controller {self.schedule!r}")
-        self.initial_p = float(state["initial_p"])
-        self.final_p = float(state["final_p"])
-        self.stage1_ratio = float(state["stage1_ratio"])
-        self.total_steps = state["total_steps"]
-        self.seed = int(state["rng"]["seed"])
-        self.set_step(int(state["step"]))
-        if [bool(g) for g in state["gates"]] != self.gates:
-            raise RuntimeError("CoTo state did not reproduce its gates; was it edited or saved by another version?")
+        saved_schedule = state.get("schedule")  # None: a callable, which cannot be saved; this controller's is kept
+        if saved_schedule is not None and saved_schedule != self.schedule:
+            raise ValueError(f"CoTo state uses schedule {saved_schedule!r}, this controller {self.schedule!r}")
+        seed = state["rng"].get("seed") if isinstance(state["rng"], Mapping) else None
+        if seed is None:
+            raise ValueError("invalid CoTo state: rng.seed is missing")
+        try:
+            config = CoToConfig.from_dict(state, schedule=self.schedule, granularity=self.granularity, seed=seed)
+            step = as_int("step", state["step"])
+            saved_p = as_real("p", state["p"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"invalid CoTo state: {err}") from err
+        if step < 0:
+            raise ValueError(f"invalid CoTo state: step must be >= 0, got {step}")
+        if not 0.0 <= saved_p <= 1.0:
+            raise ValueError(f"invalid CoTo state: p must lie in [0, 1], got {saved_p}")
+        gates = state["gates"]
+        if not isinstance(gates, Sequence) or len(gates) != len(self.groups) or any(
+            isinstance(g, float) or g not in (0, 1) for g in gates
+        ):
+            raise ValueError(f"invalid CoTo state: gates must be {len(self.groups)} bools, got {gates!r}")
+        return config, step, saved_p, [bool(g) for g in gates]
 
     def __repr__(self) -> str:
         on = sum(self.gates)
         return (
-            f"CoToController(step={self._step}, total_steps={self._total_steps}, p={self.p:.3f}, "
+            f"CoToController(step={self._step}, total_steps={self.total_steps}, p={self.p:.3f}, "
             f"groups={len(self.groups)}, on={on}, schedule={self.schedule!r}, granularity={self.granularity!r})"
         )

@@ -6,7 +6,8 @@ What CoTo needs from a data-parallel engine, and how this module makes sure of i
   ``patch(seed=None)`` takes its seed from rank 0 (``broadcast_seed``) when ``torch.distributed`` is up, and
   ``check_gates_consistent`` all-gathers a fingerprint of ``(seed, step, gates)`` and raises
   ``GateMismatchError`` naming the ranks that disagree. It runs by itself at the first training forward under
-  DDP/FSDP and at ``Trainer`` train begin (and every ``check_gates_every`` steps if asked).
+  DDP/FSDP (not with ``patch(check_gates=False)``, for loops whose ranks do not all run that forward together)
+  and at ``Trainer`` train begin (and every ``check_gates_every`` steps if asked).
 - A gated-off adapter takes no part in the forward, so DDP sees an *unused parameter*. The mechanism is DDP's
   own ``find_unused_parameters=True``: the reducer marks the skipped adapters ready at once, and since every
   rank skips the same ones they are globally unused and keep ``grad=None`` (no optimizer update, no AdamW
@@ -23,9 +24,7 @@ What CoTo needs from a data-parallel engine, and how this module makes sure of i
 from __future__ import annotations
 
 import hashlib
-import os
 import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -74,11 +73,8 @@ def broadcast_seed(seed: int, group: Any = None) -> int:
 
 def gate_fingerprint(controller: CoToController) -> int:
     """A 62-bit hash of what decides the gates: groups, seed, step, schedule state and the gates themselves."""
-    overrides = [
-        [getattr(layer, "coto_override", None) for layer in members] for members in controller._members
-    ]
     text = repr((controller.groups, controller.seed, controller.global_step, round(controller.p, 12),
-                 [bool(g) for g in controller.gates], overrides))
+                 [bool(g) for g in controller.gates], sorted(controller.overrides().items())))
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 2
 
 
@@ -176,69 +172,49 @@ def check_engine(model: Any) -> None:
             )
 
 
-def _controller_needs_unused(controller: CoToController) -> bool:
-    """Whether adapters can ever be skipped (``schedule="off"`` keeps every adapter on)."""
-    return controller.schedule != "off" or controller.initial_p < 1.0
-
-
-def training_guard(controller: CoToController) -> Callable:
+class TrainingGuard:
     """Forward pre-hook for the patched model: engine and gate checks at the first training forward.
 
     Under DDP (seen through ``DistributedDataParallel._active_ddp_module``, which DDP sets around the inner
-    forward) or FSDP it checks the engine options once per wrapper and the gates once, both collectives-free
-    except the one all-gather of the gate check, which every rank reaches in its first forward.
-    """
-    checked: weakref.WeakSet = weakref.WeakSet()
+    forward) or FSDP it checks the engine options once per wrapper and, unless ``check_gates=False``
+    (``patch(check_gates=False)``), the gates once: collectives-free except the one all-gather of the gate check,
+    which every rank must reach in its first training forward.
 
-    def hook(module: nn.Module, args: tuple) -> None:
+    A class, not a closure, so a patched model pickles, and ``copy.deepcopy`` of the model gives the copy a guard
+    over the copy's controller (the controller is an attribute the deepcopy memo maps). The set of wrappers
+    already checked is per process and starts empty in a copy.
+    """
+
+    def __init__(self, controller: CoToController, check_gates: bool = True) -> None:
+        self.controller = controller
+        self.check_gates = check_gates
+        self._checked: weakref.WeakSet = weakref.WeakSet()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"controller": self.controller, "check_gates": self.check_gates}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["controller"], state["check_gates"])
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
         if not module.training or not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return
         if world_size() <= 1:
             return
         ddp = nn.parallel.DistributedDataParallel._get_active_ddp_module()
         wrapper = ddp if ddp is not None else module
-        if wrapper in checked:
+        if wrapper in self._checked:
             return
         fsdp2 = _fsdp2_class()
         if ddp is None and not (fsdp2 is not None and isinstance(module, fsdp2)):
             return  # not inside a data-parallel forward we can see
-        if ddp is not None and _controller_needs_unused(controller):
+        if ddp is not None and self.controller.can_skip_adapters:
             check_ddp(ddp)
-        checked.add(wrapper)
-        if os.environ.get("COTO_SKIP_GATE_CHECK") != "1":
-            check_gates_consistent(controller)
-
-    return hook
+        self._checked.add(wrapper)
+        if self.check_gates:
+            check_gates_consistent(self.controller)
 
 
-# -- Transformers Trainer --------------------------------------------------------------------------------------
-
-
-def check_trainer_args(args: Any, model: Any, controller: CoToController) -> None:
-    """Fail at ``Trainer`` construction for engine options CoTo cannot run under (see the module docstring)."""
-    distributed = getattr(args, "world_size", 1) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
-        raise RuntimeError(
-            "coto_kernels does not support DeepSpeed: ZeRO reduces flat gradient partitions, so a gated-off "
-            "adapter would get a zero gradient and still be moved by AdamW. Use DDP or FSDP (fsdp_version 2)."
-        )
-    if not distributed or not _controller_needs_unused(controller):
-        return
-    if getattr(args, "ddp_static_graph", None):
-        raise RuntimeError("CoTo cannot run with TrainingArguments(ddp_static_graph=True): the graph changes "
-                           "every step. Leave it unset.")
-    find_unused = getattr(args, "ddp_find_unused_parameters", None)
-    if find_unused is None:
-        # The Trainer's own default: True, except for a PreTrainedModel with gradient checkpointing.
-        from transformers import PreTrainedModel
-
-        if isinstance(model, PreTrainedModel) and (
-            getattr(model, "is_activation_checkpointing", False) or getattr(args, "activation_checkpointing", False)
-        ):
-            find_unused = False
-        else:
-            find_unused = True
-    if getattr(args, "fsdp", None):
-        return  # FSDP ignores the DDP flag; check_engine looks at the wrapped model at train begin
-    if not find_unused:
-        raise RuntimeError(f"The Trainer would build DDP with find_unused_parameters=False. {FIND_UNUSED_HINT}.")
+def training_guard(controller: CoToController, check_gates: bool = True) -> TrainingGuard:
+    """The ``TrainingGuard`` hook ``patch`` registers on the model."""
+    return TrainingGuard(controller, check_gates)

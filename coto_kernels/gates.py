@@ -17,7 +17,7 @@ import re
 
 import torch
 
-GRANULARITIES = ("layer", "module")
+from .config import GRANULARITIES
 
 _INDEX = re.compile(r"^\d+$")
 
@@ -74,6 +74,8 @@ def draw_gates(num_groups: int, p: float, seed: int, step: int) -> list[bool]:
     """
     if num_groups <= 0:
         raise ValueError("CoTo needs at least one adapter group")
+    if not 0.0 <= p <= 1.0:  # NaN fails this too: with p = NaN no gate is ever drawn on and the loop never ends
+        raise ValueError(f"draw_gates needs p in [0, 1], got {p}")
     if p >= 1.0:
         return [True] * num_groups
     generator = torch.Generator().manual_seed(_mix(seed, step, 0))
@@ -84,3 +86,8 @@ def draw_gates(num_groups: int, p: float, seed: int, step: int) -> list[bool]:
         gates = torch.rand(num_groups, generator=generator) < p
         if bool(gates.any()):
             return gates.tolist()
+
+
+def random_seed() -> int:
+    """A fresh sampler seed from torch's default generator (so ``torch.manual_seed`` fixes it)."""
+    return int(torch.randint(0, 2**62, (1,)))

@@ -9,16 +9,18 @@ input-gradient hooks of gradient checkpointing (``coto_kernels.checkpointing``) 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from . import distributed
 from .checkpointing import take_over_input_grads
+from .config import CoToConfig
 from .controller import CoToController
 from .functional import BACKENDS, triton_available
+from .gates import random_seed
 from .layers import CoToLayerMixin, gated_class, static_fallback_reason, strip_patch_attributes
-from .schedule import Schedule
 
 # Where ``patch`` keeps the controller (and the undo actions) in the patched model's ``__dict__``.
 CONTROLLER_KEY = "coto_controller"
@@ -34,32 +36,29 @@ def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def patch(
     model: nn.Module,
+    config: CoToConfig | None = None,
     *,
-    total_steps: int | None = None,
-    initial_p: float = 0.1,
-    final_p: float = 1.0,
-    stage1_ratio: float = 0.75,
-    schedule: Schedule = "linear",
-    granularity: str = "layer",
-    seed: int | None = None,
     backend: str = "auto",
+    check_gates: bool = True,
+    **options: Any,
 ) -> CoToController:
     """Gate every PEFT LoRA layer of ``model`` with CoTo and fuse the ones the kernels cover.
 
     Args:
         model: a ``peft.PeftModel`` or any module holding PEFT LoRA layers.
-        total_steps: optimizer steps of the run (the Trainer callback fills it in); needed before ``step()``.
-        initial_p, final_p, stage1_ratio: the schedule p(k) = min(final_p, initial_p + (final_p - initial_p)
-            * k / ceil(total_steps * stage1_ratio)), as in the authors' callback.
-        schedule: ``"linear"``, ``"sine"``, ``"exponential"``, ``"off"`` (p = 1 always: plain fused LoRA) or a
-            callable ``fn(step, total_steps) -> p``.
-        granularity: ``"layer"`` (one gate per transformer block) or ``"module"`` (one per adapted module).
-        seed: seed of the gate sampler (default: drawn from torch's default generator).
+        config: the run's ``CoToConfig`` (schedule, grouping, seed, total steps); default ``CoToConfig()``.
+        **options: ``CoToConfig`` fields as keywords, building or overriding ``config``: ``total_steps`` (the
+            Trainer callback fills it in; needed before ``step()``), ``initial_p``, ``final_p``,
+            ``stage1_ratio``, ``schedule``, ``granularity``, ``seed`` (default: drawn from torch's default
+            generator, rank 0's under ``torch.distributed``). Unknown names are a ``TypeError``.
         backend: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere), ``"torch"`` or ``"triton"``.
+        check_gates: under DDP/FSDP, check at the first training forward that every rank holds the same gates
+            (one all-gather that every rank must reach); ``False`` skips that check.
 
     Returns:
         The ``CoToController``; also stored as ``model.coto_controller``.
     """
+    config = CoToConfig.build(config, **options)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     distributed.check_not_wrapped(model)
@@ -73,10 +72,9 @@ def patch(
             "coto_kernels.patch found no PEFT LoRA layers in this model; wrap it with peft.get_peft_model "
             "(LoraConfig) first"
         )
-    controller = CoToController(
-        layers, total_steps=total_steps, initial_p=initial_p, final_p=final_p, stage1_ratio=stage1_ratio,
-        schedule=schedule, granularity=granularity, seed=seed,
-    )
+    if config.seed is None:  # every rank must draw the same gates: rank 0's seed under torch.distributed
+        config = CoToConfig.build(config, seed=distributed.broadcast_seed(random_seed()))
+    controller = CoToController(layers, config)
     unfused = {name: reason for name, m in layers.items() if (reason := static_fallback_reason(m)) is not None}
     for name, layer in layers.items():
         layer.__class__ = gated_class(type(layer))
@@ -92,7 +90,7 @@ def patch(
         )
     model.__dict__[CONTROLLER_KEY] = controller
     undo = take_over_input_grads(model, layers)
-    undo.append(model.register_forward_pre_hook(distributed.training_guard(controller)).remove)
+    undo.append(model.register_forward_pre_hook(distributed.training_guard(controller, check_gates)).remove)
     model.__dict__[UNDO_KEY] = undo
     return controller
 

@@ -12,12 +12,11 @@ training and stay there.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import Any
 
-ScheduleFn = Callable[[int, int | None], float]
-Schedule = str | ScheduleFn
+from .config import SCHEDULES, CoToConfig, Schedule, ScheduleFn
 
-SCHEDULES = ("linear", "sine", "exponential", "off")
+__all__ = ["SCHEDULES", "Schedule", "ScheduleFn", "activation_probability", "stage1_steps"]
 
 # Curvature of the convex ramp: (e^{a t} - 1) / (e^a - 1). a = 4 keeps p below half of the way up until
 # ~83% of stage 1, a clearly convex shape without starving the first half of training.
@@ -41,47 +40,33 @@ def stage1_steps(total_steps: int, stage1_ratio: float) -> int:
 
 
 def activation_probability(
-    step: int,
-    total_steps: int | None,
-    *,
-    initial_p: float = 0.1,
-    final_p: float = 1.0,
-    stage1_ratio: float = 0.75,
-    schedule: Schedule = "linear",
+    step: int, total_steps: int | None = None, *, config: CoToConfig | None = None, **options: Any
 ) -> float:
     """Probability that an adapter group is active after ``step`` completed optimizer steps.
 
-    ``schedule`` is ``"linear"`` (the authors' callback), ``"sine"`` (concave), ``"exponential"`` (convex),
-    ``"off"`` (always 1: plain fused LoRA), or a callable ``fn(step, total_steps) -> p`` that returns p itself.
+    The run is ``config`` (default ``CoToConfig()``) with ``total_steps`` and any ``CoToConfig`` field given as a
+    keyword (``initial_p``, ``final_p``, ``stage1_ratio``, ``schedule``) replacing its own. ``schedule`` is
+    ``"linear"`` (the authors' callback), ``"sine"`` (concave), ``"exponential"`` (convex), ``"off"`` (always 1:
+    plain fused LoRA), or a callable ``fn(step, total_steps) -> p`` that returns p itself. A constant schedule
+    (``"off"``, or ``initial_p == final_p``) needs no ``total_steps``.
     """
+    if total_steps is not None:
+        options["total_steps"] = total_steps
+    config = CoToConfig.build(config, **options)
+    schedule = config.schedule
     if callable(schedule):
-        p = float(schedule(step, total_steps))
-        if not 0.0 <= p <= 1.0:
+        p = float(schedule(step, config.total_steps))
+        if not 0.0 <= p <= 1.0:  # NaN fails too
             raise ValueError(f"the CoTo schedule callable returned p={p} at step {step}; p must lie in [0, 1]")
         return p
     if schedule == "off":
         return 1.0
-    if step <= 0:
-        _ramp(schedule, 0.0)  # validates the name even before total_steps is known
-        return initial_p
-    if total_steps is None:
+    if step <= 0 or config.is_constant:
+        return config.initial_p
+    if config.total_steps is None:
         raise ValueError(
             "CoTo needs total_steps to advance the schedule: pass patch(..., total_steps=N), set "
-            "controller.total_steps, or use controller.callback() with a transformers Trainer"
+            "controller.total_steps, or use coto_kernels.CoToCallback with a transformers Trainer"
         )
-    progress = min(1.0, step / stage1_steps(total_steps, stage1_ratio))
-    return min(final_p, initial_p + (final_p - initial_p) * _ramp(schedule, progress))
-
-
-def validate_schedule_options(initial_p: float, final_p: float, stage1_ratio: float, schedule: Schedule) -> None:
-    """Raise ``ValueError`` for options outside their meaningful range."""
-    if not 0.0 <= initial_p <= 1.0:
-        raise ValueError(f"initial_p must lie in [0, 1], got {initial_p}")
-    if not 0.0 < final_p <= 1.0:
-        raise ValueError(f"final_p must lie in (0, 1], got {final_p}")
-    if initial_p > final_p:
-        raise ValueError(f"initial_p ({initial_p}) must not exceed final_p ({final_p})")
-    if not 0.0 < stage1_ratio <= 1.0:
-        raise ValueError(f"stage1_ratio must lie in (0, 1], got {stage1_ratio}")
-    if not callable(schedule) and schedule not in SCHEDULES:
-        raise ValueError(f"unknown CoTo schedule {schedule!r}; expected one of {SCHEDULES} or a callable")
+    progress = min(1.0, step / stage1_steps(config.total_steps, config.stage1_ratio))
+    return min(config.final_p, config.initial_p + (config.final_p - config.initial_p) * _ramp(schedule, progress))

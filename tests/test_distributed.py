@@ -29,12 +29,13 @@ from torch import nn
 
 import coto_kernels
 from coto_kernels import distributed as coto_dist
+from coto_kernels.callbacks import check_trainer_args
 
 WORLD = 2
 STEPS = 6
 TOTAL_STEPS = 8
 LAYERS = 3
-SPAWN_DEADLINE_S = 150
+SPAWN_DEADLINE_S = 400  # a hang detector, not a timing: a loaded 2-core machine took ~300 s
 
 
 def _clean(name: str) -> str:
@@ -92,9 +93,10 @@ def _train(model: nn.Module, controller, wrapped: nn.Module, rank: int | None, p
     return record
 
 
-def _build(seed: int | None = None):
+def _build(seed: int | None = None, check_gates: bool = True):
     model = tiny_peft_model("llama", num_layers=LAYERS)
-    controller = coto_kernels.patch(model, total_steps=TOTAL_STEPS, initial_p=0.3, seed=seed)
+    controller = coto_kernels.patch(model, total_steps=TOTAL_STEPS, initial_p=0.3, seed=seed,
+                                    check_gates=check_gates)
     model.train()
     return model, controller
 
@@ -163,6 +165,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         batch = {k: v[:2] for k, v in _global_batch(0).items()}
         results["mismatch_forward"] = _expect_error(lambda: ddp(**batch), coto_dist.GateMismatchError)
+        # 5b. The same with patch(check_gates=False): the first-forward all-gather is not made.
+        ddp = nn.parallel.DistributedDataParallel(_build(seed=rank, check_gates=False)[0], find_unused_parameters=True)
+        results["mismatch_forward_unchecked"] = _expect_error(lambda: ddp(**batch), coto_dist.GateMismatchError)
         # 6. Same seed, but one rank skipped a controller.step(): the explicit check catches it.
         model, controller = _build(seed=7)
         if rank == 1:
@@ -284,6 +289,7 @@ def test_ddp_compile_compiles_once_and_steps_only_active_adapters(ranks, referen
 def test_differing_gates_are_detected(ranks):
     for result in ranks.results:
         assert result["mismatch_forward"].startswith("GateMismatchError: CoTo gates differ across ranks")
+        assert result["mismatch_forward_unchecked"] == "no error"  # patch(check_gates=False)
         assert result["mismatch_step"].startswith("GateMismatchError")
         assert "step 0" in result["mismatch_step"] and "step 1" in result["mismatch_step"]
 
@@ -315,18 +321,18 @@ def test_trainer_args_that_break_coto_fail_at_construction(monkeypatch):
     args = SimpleNamespace(world_size=2, deepspeed=None, ddp_static_graph=None, ddp_find_unused_parameters=False,
                            fsdp=None)
     with pytest.raises(RuntimeError, match="ddp_find_unused_parameters=True"):
-        coto_dist.check_trainer_args(args, model, controller)
+        check_trainer_args(args, model, controller)
     args.ddp_find_unused_parameters = None  # the Trainer's default for a PeftModel is True
-    coto_dist.check_trainer_args(args, model, controller)
+    check_trainer_args(args, model, controller)
     args.ddp_static_graph = True
     with pytest.raises(RuntimeError, match="ddp_static_graph"):
-        coto_dist.check_trainer_args(args, model, controller)
+        check_trainer_args(args, model, controller)
     args.ddp_static_graph, args.deepspeed = None, "ds_config.json"
     with pytest.raises(RuntimeError, match="DeepSpeed"):
-        coto_dist.check_trainer_args(args, model, controller)
+        check_trainer_args(args, model, controller)
     args.deepspeed, args.world_size, args.ddp_find_unused_parameters = None, 1, False
     monkeypatch.setenv("WORLD_SIZE", "1")
-    coto_dist.check_trainer_args(args, model, controller)  # one process: DDP is not used
+    check_trainer_args(args, model, controller)  # one process: DDP is not used
 
 
 def test_clear_inactive_grads_leaves_adamw_off_the_skipped_adapters():

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import random
+import re
+import threading
+import warnings
 
 import pytest
 import torch
@@ -209,3 +212,167 @@ def test_override_forces_groups_and_releases():
         controller.set_override({"nope": False})
     with pytest.raises(ValueError, match="one per group"):
         controller.set_override([True])
+
+
+# -- failures that used to be silent (issue 11) -----------------------------------------------------------------
+
+
+def _finishes(fn, timeout_s: float = 10.0) -> BaseException | None:
+    """Run ``fn`` in a thread; fail the test if it does not return (a hang must not block CI). Returns its error."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as err:  # noqa: BLE001 - handed back to the test
+            outcome.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert not thread.is_alive(), f"did not return within {timeout_s} s"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("p", [math.nan, math.inf, -0.1, 1.5])
+def test_draw_gates_rejects_p_outside_0_1_instead_of_looping(p):
+    error = _finishes(lambda: draw_gates(4, p, 0, 1))
+    assert isinstance(error, ValueError) and "p in [0, 1]" in str(error)
+
+
+def _snapshot(controller: CoToController) -> tuple:
+    return (controller.config, controller.global_step, controller.p, list(controller.gates),
+            [m.coto_gate for members in controller._members for m in members])
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(initial_p=math.nan), ValueError, "initial_p must be finite"),
+        (dict(initial_p=1.5), ValueError, "initial_p must lie in"),
+        (dict(p=1.5), ValueError, r"p must lie in \[0, 1\]"),
+        (dict(p=math.nan), ValueError, "p must be finite"),
+        (dict(total_steps=True), ValueError, "total_steps must be an integer"),
+        (dict(rng={"seed": 1.5}), ValueError, "seed must be an integer"),
+        (dict(step=-1), ValueError, "step must be >= 0"),
+        (dict(gates=[True]), ValueError, "gates must be 6 bools"),
+        (dict(total_steps=None), ValueError, "total_steps"),  # step 7 of a ramp cannot be computed without it
+        (dict(step=8), RuntimeError, "did not reproduce"),  # seed, step and gates do not belong together
+    ],
+)
+def test_load_state_dict_checks_everything_before_applying_anything(change, error, match):
+    saved = _controller(seed=5, total_steps=40)
+    for _ in range(7):
+        saved.step()
+    state = {**saved.state_dict(), **change}
+    target = _controller(seed=999, total_steps=10)
+    target.step()
+    before = _snapshot(target)
+    raised = _finishes(lambda: target.load_state_dict(state))
+    assert isinstance(raised, error) and re.search(match, str(raised)), raised
+    assert _snapshot(target) == before  # all or nothing
+
+
+def test_a_failed_step_does_not_advance_the_controller():
+    controller = _controller(seed=0)  # no total_steps
+    before = _snapshot(controller)
+    with pytest.raises(ValueError, match="total_steps"):
+        controller.step()
+    assert _snapshot(controller) == before and controller.global_step == 0
+    controller.total_steps = 10
+    controller.step()
+    assert controller.global_step == 1
+
+
+def test_a_constant_schedule_steps_without_total_steps():
+    controller = _controller(seed=0, initial_p=0.5, final_p=0.5)
+    draws = []
+    for _ in range(20):
+        controller.step()
+        draws.append(tuple(controller.gates))
+    assert controller.global_step == 20 and controller.p == 0.5
+    assert draws == [tuple(draw_gates(6, 0.5, 0, step)) for step in range(1, 21)] and len(set(draws)) > 5
+
+
+def test_override_context_restores_the_previous_override():
+    controller = _controller(seed=0)
+    controller.set_override({"model.layers.2": False})
+    user = controller.overrides()
+    assert user["model.layers.2.q_proj"] is False and user["model.layers.0.q_proj"] is True
+    with controller.override({"model.layers.0": False}):
+        with controller.override([True] * 6):
+            assert set(controller.overrides().values()) == {True}
+        assert controller.overrides()["model.layers.0.v_proj"] is False
+        assert controller.overrides()["model.layers.2.v_proj"] is True  # a mapping forces the others on
+    assert controller.overrides() == user  # the user's set_override survives, not None
+    controller.set_override(None)
+    with controller.override({"model.layers.1": False}):
+        pass
+    assert set(controller.overrides().values()) == {None}
+
+
+@pytest.mark.parametrize("whole_groups", [True, False])
+def test_tools_pruned_restores_a_set_override(whole_groups):
+    from helpers import tiny_peft_model
+
+    from coto_kernels import patch
+    from coto_kernels.tools import pruned
+
+    model = tiny_peft_model("llama", num_layers=3)
+    controller = patch(model, seed=0)
+    controller.set_override({controller.groups[2]: False})
+    user = controller.overrides()
+    off = [controller.groups[0]] if whole_groups else [controller.layer_names[0]]
+    with pruned(model, off):
+        assert controller.overrides()[controller.layer_names[0]] is False
+    assert controller.overrides() == user
+
+
+def test_add_layers_regroups_as_if_built_with_all_layers():
+    names = [f"model.layers.{i}.{proj}" for i in range(6) for proj in ("q_proj", "v_proj")]
+    all_layers = {name: _Layer() for name in names}
+    late = {name: all_layers[name] for name in names if ".layers.3." in name or name.endswith("v_proj")}
+    controller = CoToController({n: layer for n, layer in all_layers.items() if n not in late}, seed=4, total_steps=9)
+    controller.step()
+    controller.add_layers(late)
+    fresh = CoToController(all_layers, seed=4, total_steps=9)
+    fresh.step()
+    assert controller.groups == fresh.groups and controller.gates == fresh.gates
+    assert all(layer.coto_gate == controller.gates[int(name.split(".")[2])] for name, layer in late.items())
+    with pytest.raises(ValueError, match="already gates"):
+        controller.add_layers({names[0]: _Layer()})
+
+
+def _adamw_over_two_steps(set_to_none: bool, attach: bool):
+    """Block 0 trains at step 1, only block 1 at step 2; returns (warnings of step 2, did block 0 move at step 2)."""
+    from helpers import batch_for, tiny_peft_model
+
+    from coto_kernels import patch
+
+    model = tiny_peft_model("llama", num_layers=2)
+    controller = patch(model, seed=0, total_steps=10)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    if attach:
+        controller.attach_optimizer(optimizer)
+    block0 = {n: p for n, p in model.named_parameters() if ".layers.0." in n and "lora_" in n}
+    for gates in ([True, False], [False, True]):
+        controller.set_override(gates)
+        before = {n: p.detach().clone() for n, p in block0.items()}
+        model(**batch_for("llama")).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=set_to_none)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            controller.step()
+    moved = any(not torch.equal(p, before[n]) for n, p in block0.items())
+    return [str(w.message) for w in caught], moved
+
+
+def test_stale_zero_grads_of_gated_off_adapters_warn_once_when_they_moved_them():
+    caught, moved = _adamw_over_two_steps(set_to_none=False, attach=False)
+    assert moved  # the hazard is real: AdamW moved block 0 although it was off
+    assert len(caught) == 1 and "zero_grad(set_to_none=False)" in caught[0] and "attach_optimizer" in caught[0]
+    for set_to_none, attach in ((True, False), (False, True)):
+        caught, moved = _adamw_over_two_steps(set_to_none=set_to_none, attach=attach)
+        assert not moved and caught == []
