@@ -62,6 +62,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -926,7 +927,7 @@ def main(argv: list[str] | None = None) -> int:
         if job.key in cache:
             results[index] = {key: cache[job.key].get(key) for key in _RESOURCE_KEYS}
     todo = sorted((i for i in range(len(jobs)) if i not in results), key=lambda i: priority(jobs[i]))
-    recheck = sorted(results, key=lambda i: jobs[i].key)[: max(args.recheck, 0)]
+    recheck = random.sample(sorted(results), min(max(args.recheck, 0), len(results)))  # a fresh spot check each run
     print(f"{len(results)} compiles reused from {json_path.name}, {len(todo)} to compile, "
           f"{len(recheck)} rechecked", flush=True)
 
