@@ -22,10 +22,21 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(params=[0, 10**9], ids=["fused-gemm", "cublas-small-m"])
 def cublas_below_m(request, monkeypatch):
+    """The layer calls the backend with the default ``cublas_below_m``, which the environment variable sets."""
     from coto_kernels.kernels import lora_triton
 
-    monkeypatch.setattr(lora_triton, "CUBLAS_BELOW_M", request.param)
+    monkeypatch.setenv(lora_triton.CUBLAS_BELOW_M_ENV, str(request.param))
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def tf32_on():
+    """fp32 inputs reach the Triton kernels only with TF32 allowed (IEEE fp32 runs the torch backend); the CPU
+    interpreter computes in fp32 either way."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _operands(m, k, n, r, dtype=torch.float32, seed=0):

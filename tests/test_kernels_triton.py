@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -12,21 +13,28 @@ if not torch.cuda.is_available():  # must precede the first triton.jit: the inte
 
 pytest.importorskip("triton")
 
+from reference import TOLERANCE, gated_lora, relative_error  # noqa: E402
+
 from coto_kernels.kernels import lora_triton  # noqa: E402
 from coto_kernels.kernels.interface import GradRequest, LoraOptions  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
-# Max abs error / max abs reference. fp32: accumulation order only. fp16: 2 ulps (2^-10 = 9.8e-4 per ulp) for the
-# output rounding plus the fp16 rounding of S / dS before their MMA. bf16: 1.5 ulps (2^-7 = 7.8e-3 per ulp): the
-# interpreter truncates fp32 -> bf16 stores (up to 1 ulp) and S / dS are rounded to bf16 for the MMA on a GPU.
-# A doubled scaling, a permuted B, a missing 1/(1-p) or another seed's mask moves the outputs by 0.28-1.4 relative
-# (checked against 3 * tolerance in test_tolerances_catch_wrong_math).
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+# Tolerances and their rationale: tests/reference.py (max abs error / max abs reference value).
+TOL = TOLERANCE
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+@pytest.fixture(autouse=True)
+def tf32_on():
+    """fp32 inputs reach the Triton kernels only with TF32 allowed (IEEE fp32 goes to the torch backend); the
+    interpreter computes in fp32 either way, so the fp32 tolerance below still holds."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+_rel_err = relative_error
 
 
 def _make(m, k, n, r, dtype, adapter_dtype, bias, lora_bias, weight_is_kn, seed=0):
@@ -47,32 +55,18 @@ def _make(m, k, n, r, dtype, adapter_dtype, bias, lora_bias, weight_is_kn, seed=
 
 
 def _reference(t, weight_is_kn, scaling, gate, p, keep, *, b_override=None):
-    """float64 forward and backward of the same inputs; keep is the kernels' mask (or None when p == 0)."""
-    x, a, dy = t["x"].double(), t["a"].double(), t["dy"].double()
-    b = (t["b"] if b_override is None else b_override).double()
-    w = t["w"].double().t() if weight_is_kn else t["w"].double()
-    xd = x if keep is None else x * keep.double() / (1.0 - p)
-    s = xd @ a.t()
-    y = x @ w.t()
-    if t["bias"] is not None:
-        y = y + t["bias"].double()
-    dx = dy @ w
-    ref = dict(y=y, dx=dx, d_bias=dy.sum(0))
-    if gate:
-        lb = t["lora_bias"].double() if t["lora_bias"] is not None else 0.0
-        ref["y"] = y + scaling * (s @ b.t() + lb)
-        ds = scaling * dy @ b
-        lora_dx = ds @ a
-        ref["dx"] = dx + (lora_dx if keep is None else lora_dx * keep.double() / (1.0 - p))
-        ref.update(s=s, d_lora_a=ds.t() @ xd, d_lora_b=scaling * dy.t() @ s, d_lora_bias=scaling * dy.sum(0))
-    return ref
+    """float64 forward and backward of the same inputs (tests/reference.py); keep is the kernels' mask or None."""
+    b = t["b"] if b_override is None else b_override
+    return gated_lora(t["x"], t["w"], t["bias"], t["a"], b, t["lora_bias"], scaling=scaling, gate=gate,
+                      keep=keep, dropout_p=p, weight_is_kn=weight_is_kn, dy=t["dy"])
 
 
-def _run(t, weight_is_kn, scaling, gate, p, seed, need=(True, True, True, True)):
+def _run(t, weight_is_kn, scaling, gate, p, seed, need=(True, True, True, True), cublas_below_m=0):
     options = LoraOptions(scaling=scaling, dropout_p=p, seed=seed, gate=gate, weight_is_kn=weight_is_kn)
-    y, s = lora_triton.lora_forward(t["x"], t["w"], t["bias"], t["a"], t["b"], t["lora_bias"], options=options)
+    y, s = lora_triton.lora_forward(t["x"], t["w"], t["bias"], t["a"], t["b"], t["lora_bias"], options=options,
+                                    cublas_below_m=cublas_below_m)
     grads = lora_triton.lora_backward(t["dy"], t["x"], t["w"], t["a"], t["b"], s, options=options,
-                                      need=GradRequest(*need))
+                                      need=GradRequest(*need), cublas_below_m=cublas_below_m)
     return y, s, grads._asdict()
 
 
@@ -91,6 +85,8 @@ def _check(t, out, ref, dtype, adapter_dtype, gate):
     assert _rel_err(s, ref["s"]) < max(TOL[dtype], 1e-5)
     for name in ("d_lora_a", "d_lora_b", "d_lora_bias"):
         assert grads[name].dtype == adapter_dtype, name
+        if ref[name] is None:  # no lora_bias: the reference has no d_lora_bias to compare with
+            continue
         # The adapter grads are fp32-accumulated sums; their tolerance is the input dtype's (MMA operands).
         assert _rel_err(grads[name], ref[name]) < tol, (name, _rel_err(grads[name], ref[name]))
 
@@ -104,6 +100,10 @@ CASES = [
     pytest.param((66, 72, 130, 8), BF16, BF16, 0.1, True, True, False, False, id="bf16-drop"),
     pytest.param((37, 45, 29, 3), BF16, F32, 0.1, True, True, True, False, id="bf16-x-fp32-adapters-conv1d"),
     pytest.param((37, 45, 29, 3), BF16, BF16, 0.1, True, True, False, True, id="bf16-cublas-small-m"),
+    # ranks 16 / 64 / 256 (the rank-adaptive tiles) on small M and K
+    pytest.param((37, 45, 29, 16), F32, F32, 0.05, True, False, False, False, id="fp32-r16-drop"),
+    pytest.param((33, 40, 21, 64), F16, F16, 0.5, False, True, False, False, id="fp16-r64-drop"),
+    pytest.param((20, 24, 18, 256), BF16, BF16, 0.1, True, False, True, False, id="bf16-r256-drop-conv1d"),
 ]
 
 
@@ -115,13 +115,12 @@ GATED_CASES = [pytest.param(*c.values, True, id=f"{c.id}-gate1") for c in CASES]
 
 @pytest.mark.parametrize(("shape", "dtype", "adapter_dtype", "p", "bias", "lora_bias", "kn", "cublas", "gate"),
                          GATED_CASES)
-def test_matches_reference(monkeypatch, shape, dtype, adapter_dtype, p, bias, lora_bias, kn, cublas, gate):
-    monkeypatch.setattr(lora_triton, "CUBLAS_BELOW_M", 10**9 if cublas else 0)
+def test_matches_reference(shape, dtype, adapter_dtype, p, bias, lora_bias, kn, cublas, gate):
     m, k, n, r = shape
     t = _make(m, k, n, r, dtype, adapter_dtype, bias, lora_bias, kn)
     seed, scaling = 1234, 1.7
     keep = lora_triton.dropout_keep_mask(seed, (m, k), p, DEVICE) if p > 0 else None
-    out = _run(t, kn, scaling, gate, p, seed)
+    out = _run(t, kn, scaling, gate, p, seed, cublas_below_m=10**9 if cublas else 0)
     _check(t, out, _reference(t, kn, scaling, gate, p, keep), dtype, adapter_dtype, gate)
 
 
@@ -129,7 +128,7 @@ def test_gate_off_launches_no_lora_kernel(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a LoRA kernel was launched with the gate off")
 
-    for name in ("_lora_s", "_launch_gemm", "_lora_ds_db_kernel", "_lora_da_kernel"):
+    for name in ("_launch_s", "_launch_gemm", "_launch_ds_db", "_launch_da"):
         monkeypatch.setattr(lora_triton, name, boom)
     t = _make(20, 24, 16, 4, F32, F32, True, True, False)
     y, s, grads = _run(t, False, 2.0, False, 0.1, 7)
@@ -140,7 +139,6 @@ def test_gate_off_launches_no_lora_kernel(monkeypatch):
 
 def test_split_reductions_and_need_flags(monkeypatch):
     """Several programs per reduction (atomic paths) and partial ``need_*`` requests."""
-    monkeypatch.setattr(lora_triton, "CUBLAS_BELOW_M", 0)
     monkeypatch.setattr(lora_triton, "_target_programs", lambda device: 16)
     m, k, n, r = 130, 150, 140, 5
     t = _make(m, k, n, r, F32, F32, True, True, False, seed=3)
@@ -159,9 +157,8 @@ def test_split_reductions_and_need_flags(monkeypatch):
     assert _rel_err(only_dx["dx"], ref["dx"]) < 1e-5
 
 
-def test_tolerances_catch_wrong_math(monkeypatch):
+def test_tolerances_catch_wrong_math():
     """The bf16 tolerance is tight enough that a doubled scaling, a permuted B or a missing 1/(1-p) fails it."""
-    monkeypatch.setattr(lora_triton, "CUBLAS_BELOW_M", 0)
     m, k, n, r = 37, 45, 29, 3
     t = _make(m, k, n, r, BF16, BF16, True, True, False, seed=5)
     seed, scaling, p = 11, 1.3, 0.3
@@ -182,6 +179,209 @@ def test_tolerances_catch_wrong_math(monkeypatch):
             if what == "B permuted" and name == "d_lora_b":
                 continue  # dB does not depend on B
             assert _rel_err(out, bad[name]) > 3 * tol, (what, name, _rel_err(out, bad[name]))
+
+
+class _LaunchRecorder:
+    """Stands in for a kernel object: records each ``kernel[grid](**kwargs)`` launch, then runs it (or not)."""
+
+    def __init__(self, name, kernel, launches, run=True):
+        self.name, self.kernel, self.launches, self.run = name, kernel, launches, run
+
+    def __getitem__(self, grid):
+        def launch(**kwargs):
+            self.launches.append((self.name, grid, kwargs))
+            if self.run:
+                self.kernel[grid](**kwargs)
+        return launch
+
+
+KERNELS = ("_lora_s_kernel", "_lora_ds_db_kernel", "_lora_da_kernel", "_fused_gemm", "_fused_gemm_kernel")
+
+
+def _record_launches(monkeypatch, run=True):
+    launches = []
+    for name in KERNELS:
+        monkeypatch.setattr(lora_triton, name, _LaunchRecorder(name, getattr(lora_triton, name), launches, run))
+    return launches
+
+
+@pytest.fixture
+def deterministic():
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_deterministic_mode_has_no_cross_program_atomics(monkeypatch, deterministic):
+    """Several splits per reduction (forced): each split writes its own partial, torch sums them in order, dB and
+    the bias sums come from torch; two runs agree bit for bit and match float64."""
+    monkeypatch.setattr(lora_triton, "_target_programs", lambda device: 16)
+    launches = _record_launches(monkeypatch)
+    m, k, n, r = 130, 150, 140, 5
+    t = _make(m, k, n, r, F32, F32, True, True, False, seed=4)
+    seed, scaling, p = 5, 0.7, 0.2
+    first = _run(t, False, scaling, True, p, seed)
+    second = _run(t, False, scaling, True, p, seed)
+    skinny = [(name, grid, kw) for name, grid, kw in launches if name.startswith("_lora")]
+    assert {name for name, _, _ in skinny} == {"_lora_s_kernel", "_lora_ds_db_kernel", "_lora_da_kernel"}
+    assert all(grid[1] > 1 for _, grid, _ in skinny), "the test must exercise split reductions"
+    for name, _, kw in skinny:
+        assert not kw["SPLIT_ATOMIC"] and kw["stride_split"] > 0, name
+        if name == "_lora_ds_db_kernel":
+            assert not kw["COMPUTE_DB"] and not kw["COMPUTE_COLSUM"]
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    for name, grad in first[2].items():
+        assert torch.equal(grad, second[2][name]), name
+    keep = lora_triton.dropout_keep_mask(seed, (m, k), p, DEVICE)
+    _check(t, first, _reference(t, False, scaling, True, p, keep), F32, F32, True)
+
+
+def test_split_reductions_use_relaxed_atomics_otherwise(monkeypatch):
+    monkeypatch.setattr(lora_triton, "_target_programs", lambda device: 16)
+    launches = _record_launches(monkeypatch, run=False)
+    t = _make(130, 150, 140, 5, F32, F32, True, False, False)
+    _run(t, False, 1.0, True, 0.0, 0)
+    flags = {name: (grid[1], kw["SPLIT_ATOMIC"], kw["stride_split"]) for name, grid, kw in launches
+             if name.startswith("_lora")}
+    assert all(splits > 1 and atomic and stride == 0 for splits, atomic, stride in flags.values()), flags
+
+
+def test_int64_offsets_chosen_for_lm_head_outputs(monkeypatch):
+    """LoRA on a 128k-vocabulary lm_head at 16.8k tokens: Y has M*N > 2**31 elements (meta tensors, nothing
+    allocated); the GEMM launch gets int64 offsets, the S pass over the small X keeps int32."""
+    m, k, n, r = 16_800, 4096, 128_256, 16
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    x, w, a, b = (torch.empty(shape, **meta) for shape in ((m, k), (n, k), (r, k), (n, r)))
+    assert lora_triton.needs_int64_offsets(torch.empty((m, n), **meta))
+    assert not lora_triton.needs_int64_offsets(torch.empty((16_000, n), **meta))  # 2.05e9 < 2**31
+    assert lora_triton.needs_int64_offsets(torch.empty((2, 2**30 + 1), **meta).t())  # through strides
+    assert not lora_triton.needs_int64_offsets(x, None, torch.empty((0, n), **meta))
+    launches = _record_launches(monkeypatch, run=False)
+    lora_triton.lora_forward(x, w, None, a, b, None, options=LoraOptions(scaling=1.0), cublas_below_m=0)
+    int64 = {name: kw["INT64_OFFSETS"] for name, _, kw in launches}
+    assert int64 == {"_lora_s_kernel": False, "_fused_gemm": True}, int64
+
+
+def test_int64_offset_kernels_match_reference(monkeypatch):
+    monkeypatch.setattr(lora_triton, "needs_int64_offsets", lambda *tensors: True)
+    m, k, n, r = 37, 45, 29, 3
+    t = _make(m, k, n, r, BF16, BF16, True, True, False, seed=6)
+    seed, scaling, p = 8, 1.1, 0.1
+    keep = lora_triton.dropout_keep_mask(seed, (m, k), p, DEVICE)
+    _check(t, _run(t, False, scaling, True, p, seed), _reference(t, False, scaling, True, p, keep), BF16, BF16, True)
+
+
+@pytest.mark.parametrize("kn", [False, True], ids=["linear", "conv1d"])
+def test_tma_persistent_gemm_matches_reference(monkeypatch, kn):
+    """The Hopper main loop (tensor descriptors, persistent tile loop), forced on the interpreter: both B layouts
+    (K- or N-contiguous, forward and dX), fewer programs than tiles, ragged M and N tiles."""
+    monkeypatch.setattr(lora_triton, "_tma_eligible", lambda a, b, b_strides: True)
+    monkeypatch.setattr(lora_triton, "_target_programs", lambda device: 2)
+    launches = _record_launches(monkeypatch)
+    m, k, n, r = 70, 72, 136, 8
+    t = _make(m, k, n, r, BF16, BF16, True, True, kn, seed=7)
+    seed, scaling, p = 21, 1.4, 0.1
+    keep = lora_triton.dropout_keep_mask(seed, (m, k), p, DEVICE)
+    _check(t, _run(t, kn, scaling, True, p, seed), _reference(t, kn, scaling, True, p, keep), BF16, BF16, True)
+    gemms = [(grid, kw) for name, grid, kw in launches if name == "_fused_gemm"]
+    assert len(gemms) == 2 and all(kw["USE_TMA"] for _, kw in gemms)
+    assert {kw["B_K_CONTIGUOUS"] for _, kw in gemms} == {True, False}  # forward and dX read B both ways
+    assert all(grid({"BLOCK_M": 64, "BLOCK_N": 64}) == (2,) for grid, _ in gemms)
+
+
+def _torch_backend_result(t, scaling, p, seed):
+    from coto_kernels.kernels import lora_torch
+
+    options = LoraOptions(scaling=scaling, dropout_p=p, seed=seed)
+    y, s = lora_torch.lora_forward(t["x"], t["w"], t["bias"], t["a"], t["b"], t["lora_bias"], options=options)
+    return y, lora_torch.lora_backward(t["dy"], t["x"], t["w"], t["a"], t["b"], s, options=options,
+                                       need=GradRequest(True, True, True, True))
+
+
+def test_fp32_without_tf32_runs_the_torch_backend(monkeypatch):
+    """An IEEE fp32 tl.dot is an FMA loop that spills: fp32 with TF32 off goes to the torch backend."""
+    torch.backends.cuda.matmul.allow_tf32 = False  # the autouse fixture restores it
+    launches = _record_launches(monkeypatch)
+    t = _make(37, 45, 29, 3, F32, F32, True, True, False)
+    y, _, grads = _run(t, False, 1.5, True, 0.1, 3)
+    want_y, want = _torch_backend_result(t, 1.5, 0.1, 3)
+    assert not launches
+    assert torch.equal(y, want_y)
+    for name, grad in grads.items():
+        assert torch.equal(grad, getattr(want, name)), name
+
+
+def test_rank_above_max_runs_the_torch_backend_with_one_warning(monkeypatch):
+    monkeypatch.setattr(lora_triton, "MAX_RANK", 4)
+    lora_triton._warn_rank_fallback_once.cache_clear()
+    launches = _record_launches(monkeypatch)
+    t = _make(20, 24, 16, 5, BF16, BF16, True, False, False)
+    with pytest.warns(UserWarning, match="ranks up to 4"):
+        y, _, grads = _run(t, False, 2.0, True, 0.1, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        _run(t, False, 2.0, True, 0.1, 3)
+    want_y, want = _torch_backend_result(t, 2.0, 0.1, 3)
+    assert not launches
+    assert torch.equal(y, want_y) and torch.equal(grads["d_lora_a"], want.d_lora_a)
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "1.5"])
+def test_bad_cublas_below_m_environment_variable_is_named(monkeypatch, value):
+    monkeypatch.setenv(lora_triton.CUBLAS_BELOW_M_ENV, value)
+    t = _make(8, 16, 16, 2, F32, F32, False, False, False)
+    options = LoraOptions(scaling=1.0)
+    with pytest.raises(ValueError, match=f"COTO_TRITON_CUBLAS_BELOW_M={value!r}"):
+        lora_triton.lora_forward(t["x"], t["w"], None, t["a"], t["b"], None, options=options)
+
+
+def test_cublas_below_m_default_and_argument(monkeypatch):
+    monkeypatch.delenv(lora_triton.CUBLAS_BELOW_M_ENV, raising=False)
+    assert lora_triton.default_cublas_below_m() == 128
+    monkeypatch.setenv(lora_triton.CUBLAS_BELOW_M_ENV, "64")
+    assert lora_triton.default_cublas_below_m() == 64
+    launches = _record_launches(monkeypatch, run=False)
+    t = _make(40, 16, 16, 2, F32, F32, False, False, False)
+    options = LoraOptions(scaling=1.0)
+    lora_triton.lora_forward(t["x"], t["w"], None, t["a"], t["b"], None, options=options)  # 40 < 64: cuBLAS base
+    lora_triton.lora_forward(t["x"], t["w"], None, t["a"], t["b"], None, options=options, cublas_below_m=0)
+    assert [name for name, _, _ in launches if "gemm" in name] == ["_fused_gemm_kernel", "_fused_gemm"]
+    with pytest.raises(ValueError, match="cublas_below_m"):
+        lora_triton.lora_forward(t["x"], t["w"], None, t["a"], t["b"], None, options=options, cublas_below_m=-1)
+
+
+@pytest.mark.parametrize("kernel", ["s", "da", "ds_db"])
+def test_skinny_tiles_fit_every_rank(monkeypatch, kernel):
+    """The GPU tile choice (not the interpreter's): pipelined operands within the shared-memory budget (under
+    sm_80's 163 KiB) and at most 64 fp32 accumulator registers per thread (96 for dS + dB), for every padded
+    rank up to 256."""
+    monkeypatch.setattr(lora_triton, "INTERPRET", False)
+    for r_block in (16, 32, 64, 128, 256):
+        for x_bytes, side_bytes in ((2, 2), (2, 4), (4, 4)):
+            if kernel == "da":
+                side_bytes = 4  # dS is fp32
+            cfg = lora_triton.skinny_config(kernel, r_block, x_bytes, side_bytes)
+            side_rows = cfg.block_m if kernel == "da" else cfg.block
+            smem = cfg.num_stages * (cfg.block_m * cfg.block * x_bytes + side_rows * r_block * side_bytes)
+            if kernel == "ds_db":
+                smem += cfg.block_m * r_block * x_bytes
+            assert cfg.num_stages >= 2 and smem <= lora_triton.SKINNY_SMEM_BUDGET, (r_block, x_bytes, cfg)
+            acc_rows = {"s": cfg.block_m, "da": cfg.block, "ds_db": cfg.block_m + cfg.block}[kernel]  # dS and dB
+            assert acc_rows * r_block // (32 * cfg.num_warps) <= (96 if kernel == "ds_db" else 64), (r_block, cfg)
+
+
+def test_gemm_configs_pruned_to_what_launches():
+    configs = lora_triton.gemm_configs(for_interpreter=False)
+    sm80 = 163 * 1024
+    args = dict(c_ptr=torch.empty(1, 1, dtype=BF16), CDT=None, M_BUCKET=16384, LORA_DROPOUT=False)
+    assert lora_triton.prune_gemm_configs(configs, dict(args, R_BLOCK=16), smem_limit=227 * 1024) == configs
+    at_256 = lora_triton.prune_gemm_configs(configs, dict(args, R_BLOCK=256), smem_limit=sm80)
+    assert at_256 and all(lora_triton.gemm_smem_bytes(c, 2, 256) <= sm80 for c in at_256)
+    assert len(at_256) < len(configs)
+    small_m = lora_triton.prune_gemm_configs(configs, dict(args, R_BLOCK=16, M_BUCKET=128), smem_limit=sm80)
+    assert small_m and all(c.kwargs["BLOCK_M"] <= 128 for c in small_m)
+    dropout = lora_triton.prune_gemm_configs(configs, dict(args, R_BLOCK=16, LORA_DROPOUT=True), smem_limit=sm80)
+    assert dropout and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps for c in dropout)
 
 
 def test_dropout_mask():

@@ -1,88 +1,150 @@
-"""Fused Triton backend of the gated LoRA linear layer: same contract as ``lora_torch``.
+"""Fused Triton backend of the gated LoRA linear layer (math: ``coto_kernels.kernels.interface``).
 
-Notation: X [M, K], frozen W [N, K] (``nn.Linear``) or [K, N] (GPT-2 ``Conv1D``, read through its strides),
-A [r, K], B [N, r], s = scaling, g = gate, p = dropout probability,
-drop(X)[m, k] = X[m, k] * keep[m, k] / (1 - p) with ``keep[m, k] = tl.rand(seed, m * K + k) >= p``.
+Kernels, one launcher each::
 
-Forward (two launches)::
+    _lora_s_kernel       S = drop(X) A^T             one skinny pass over X, fp32 [M, r]
+    _fused_gemm_kernel   Y = X W^T + bias + g*s*(S B^T + lora_bias)  and  dX = dY W + g*drop'(dS A):
+                         the low-rank term seeds the fp32 accumulator, the biases go into the epilogue, the
+                         output is written once (no M x N intermediate)
+    _lora_ds_db_kernel   dS = s dY B, dB = s dY^T S, colsum(dY)      one read of dY for all three
+    _lora_da_kernel      dA = dS^T drop(X)           one skinny pass over X
 
-    S = drop(X) A^T                                   _lora_s_kernel: one skinny pass over X, fp32 [M, r]
-    Y = X W^T + bias + g * s * (S B^T + lora_bias)    _fused_gemm_kernel: the low-rank term and both biases
-                                                      go into the GEMM's fp32 accumulator; Y is written once
-
-Backward (three launches)::
-
-    dS = s * dY B,  dB = s * dY^T S,  colsum(dY)      _lora_ds_db_kernel: dY is read once for all three
-    dX = dY W + g * drop'(dS A)                       _fused_gemm_kernel again, the masked dS A term seeds
-                                                      the accumulator; dX is written once
-    dA = dS^T drop(X)                                 _lora_da_kernel: one skinny pass over X
-    d_bias = colsum(dY),  d_lora_bias = s * colsum(dY)
-
-The dropout mask is regenerated from ``seed`` wherever drop(X) is needed (S pass, dX accumulator seed, dA pass);
-no dropped copy of X and no mask is ever stored. Philox counters are int32, so the mask repeats only past 2**32
-elements of X.
+The dropout mask is ``coto_kernels.kernels.dropout_mask``'s hash of (seed, m*K + k), regenerated in the S pass,
+the dX accumulator seed and the dA pass (never stored). The host derives the seed keys and the threshold once
+per call; in-kernel, i*golden is split into a per-row and a per-column part so each element costs one add
+before the mixing. Compiled for sm_90 (bf16, r 16, 64x128 tiles, 4 warps) the S loop runs 16.1 SASS instructions
+per element of X with dropout and 2.3 without, the dA loop 15.5 and 3.2 (Philox ``tl.rand`` was ~59); a variant
+hashing once per pair of elements (16-bit thresholds) measured 14.3, too little to justify another definition.
 
 Dispatch (host side):
 
-* ``gate=False``: only the base GEMMs run, on cuBLAS (``F.linear`` / ``torch.mm``); no LoRA kernel is launched.
-* ``M < CUBLAS_BELOW_M`` (128 tokens, override with ``COTO_TRITON_CUBLAS_BELOW_M``): the base GEMM runs on
-  cuBLAS, whose split-K/GEMV kernels win for a handful of rows where a 64-row MMA tile is mostly padding; the
-  low-rank term is then added by the same GEMM kernel with its main loop compiled out (one extra read and
-  write of the small Y / dX). The skinny S, dS/dB and dA kernels run in both cases.
+* gate off: the base GEMMs only, on cuBLAS; no LoRA kernel is launched.
+* ``M < cublas_below_m`` (default 128, ``COTO_TRITON_CUBLAS_BELOW_M``): the base GEMM runs on cuBLAS, whose
+  split-K/GEMV kernels win for a handful of rows; the low-rank term is then added by the GEMM kernel with its
+  main loop compiled out. The skinny kernels run in both cases.
+* rank above ``MAX_RANK`` (warns once), or fp32 inputs with TF32 off (an IEEE fp32 ``tl.dot`` is an FMA loop
+  that spills and cannot beat cuBLAS SGEMM): the ``lora_torch`` backend.
+* Split reductions (S over K, dS over N, dA over M, when there are too few programs otherwise) meet through
+  relaxed fp32 atomics; with ``torch.use_deterministic_algorithms(True)`` each split writes its own partial
+  buffer that torch sums in a fixed order, and dB / the bias sums (cross-program atomics over M in the dS/dB
+  kernel) are computed by torch GEMM/sum instead.
+* Hopper (sm_90+), 16-bit operands with 16-byte aligned rows: the GEMM's main loop reads A and B through tensor
+  descriptors (TMA; compiled for sm_90 every config shows HGMMA and UTMALDG, no stack) on a persistent grid of
+  one program per SM; elsewhere the pointer main loop, one program per tile. Device-side descriptors need
+  Triton's scratch allocator: a torch one is installed (``triton.set_allocator``, process-wide) at the first
+  TMA launch.
+* Offsets are int32 unless some tensor of the launch spans 2**31 elements (``needs_int64_offsets``), e.g. LoRA
+  on a 128k-vocabulary ``lm_head``: then the kernel is compiled with int64 offsets.
 
-Dtypes: X, W and the biases may be fp32, fp16 or bf16; the adapters may be another dtype (fp32 adapters over a
-bf16 base, as PEFT's ``autocast_adapter_dtype`` does). Tiles are cast to X's dtype for the MMA and accumulated
-in fp32; S and dS stay fp32 in memory; gradients are returned in each parameter's own dtype.
+Dtypes: X, W and the biases may be fp32 (TF32), fp16 or bf16; the adapters may be another dtype. Tiles are cast
+to X's dtype for the MMA and accumulated in fp32; S and dS stay fp32 in memory; gradients come back in each
+parameter's dtype. Tile sizes of the skinny kernels adapt to the rank so every r <= MAX_RANK fits the shared
+memory of sm_80 and sm_90; the GEMM autotuner prunes configs that do not fit the device.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .interface import GradRequest, LoraGrads, LoraOptions
+from . import lora_torch
+from .dropout_mask import FMIX, GOLDEN, keep_threshold, seed_keys
+from .interface import GradRequest, LoraGrads, LoraOptions, weight_nk
 
 # Under the interpreter bf16 tensors are raw bits, so every loaded tile is upcast to fp32 before any arithmetic;
 # on a GPU the MMA must stay in the input dtype. This flag picks the compute dtype handed to the kernels.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-#: Below this many rows the base GEMM goes to cuBLAS (see the module docstring).
-CUBLAS_BELOW_M = int(os.environ.get("COTO_TRITON_CUBLAS_BELOW_M", "128"))
+#: Environment variable giving the default of ``cublas_below_m`` (rows below which the base GEMM uses cuBLAS).
+CUBLAS_BELOW_M_ENV = "COTO_TRITON_CUBLAS_BELOW_M"
+DEFAULT_CUBLAS_BELOW_M = 128
 
+#: Largest LoRA rank the kernels take; above it the layer runs the torch backend (one warning).
+MAX_RANK = 256
+
+#: Shared memory the skinny kernels' pipelined operand tiles may use: under sm_80's 163 KiB per-block limit
+#: (sm_90: 227 KiB), with room for the layout-conversion scratch Triton adds.
+SKINNY_SMEM_BUDGET = 144 * 1024
+
+# fp32 inputs reach the kernels only with TF32 allowed (IEEE fp32 goes to the torch backend); 16-bit ignore it.
+_DOT_PRECISION = "tf32"
+# Tensor descriptors (TMA loads on Hopper) in this Triton (3.4+, and the allocator they need).
+_HAS_TENSOR_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_U32 = 0xFFFFFFFF
+_GOLDEN_U32 = tl.constexpr(GOLDEN & _U32)
+_FMIX0_U32 = tl.constexpr(FMIX[0] & _U32)
+_FMIX1_U32 = tl.constexpr(FMIX[1] & _U32)
+# Arguments that change with the batch or the seed: never specialized (no recompile per token count or seed).
+_RUNTIME_ARGS = ["M", "blocks_per_split", "mask_key0", "mask_key1", "mask_threshold", "mask_row_step"]
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Device helpers
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _keep_mask(seed, offs_m, offs_k, K, dropout_p):
-    """keep[m, k] = rand(seed, m * K + k) >= p for a [len(offs_m), len(offs_k)] tile; the one mask definition."""
-    return tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= dropout_p
+def _offsets(block, BLOCK: tl.constexpr, INT64_OFFSETS: tl.constexpr):
+    """block * BLOCK + [0, BLOCK), in int64 when the launch's tensors span 2**31 elements."""
+    if INT64_OFFSETS:
+        block = tl.cast(block, tl.int64)
+    return block * BLOCK + tl.arange(0, BLOCK)
 
 
 @triton.jit
-def _load_kept_x(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk, dropout_p, seed,
+def _keep_mask(offs_m, offs_k, mask_key0, mask_key1, mask_threshold, mask_row_step):
+    """keep[m, k] of ``dropout_mask`` for a [len(offs_m), len(offs_k)] tile of X (row width K).
+
+    i * golden with i = m * K + k (mod 2**32) is split as m * mask_row_step + k * golden, mask_row_step =
+    K * golden precomputed: a per-row and a per-column vector, one add per element. uint32 arithmetic wraps
+    like the definition's int32 and its >> is the logical shift.
+    """
+    row = offs_m.to(tl.uint32) * mask_row_step.to(tl.uint32, bitcast=True)
+    col = offs_k.to(tl.uint32) * _GOLDEN_U32
+    h = (row[:, None] + col[None, :]) ^ mask_key1.to(tl.uint32, bitcast=True)
+    h += mask_key0.to(tl.uint32, bitcast=True)
+    h = (h ^ (h >> 16)) * _FMIX0_U32
+    h = (h ^ (h >> 13)) * _FMIX1_U32
+    return h.to(tl.int32, bitcast=True) >= mask_threshold
+
+
+@triton.jit
+def _load_kept_x(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk,
+                 mask_key0, mask_key1, mask_threshold, mask_row_step,
                  LORA_DROPOUT: tl.constexpr, CDT: tl.constexpr):
-    """keep * X for a [len(offs_m), len(offs_k)] tile, zero outside X; callers apply 1/(1-p) to their fp32 sums."""
+    """keep * X for a tile, zero outside X; callers apply 1/(1-p) to their fp32 sums."""
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                 mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0).to(CDT)
     if LORA_DROPOUT:
-        x = tl.where(_keep_mask(seed, offs_m, offs_k, K, dropout_p), x, 0.0).to(CDT)
+        keep = _keep_mask(offs_m, offs_k, mask_key0, mask_key1, mask_threshold, mask_row_step)
+        x = tl.where(keep, x, 0.0).to(CDT)
     return x
 
 
 @triton.jit
-def _keep_mask_kernel(out_ptr, M, K, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _store_or_add(ptrs, value, mask, ATOMIC: tl.constexpr):
+    """Epilogue of a split reduction: a plain store (one split, or a per-split partial buffer), or a relaxed fp32
+    atomic add into a zeroed output shared by the splits (only the final sum is read, so no ordering needed)."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, value, mask=mask)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
+def _keep_mask_kernel(out_ptr, M, K, mask_key0, mask_key1, mask_threshold, mask_row_step,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[m, k] = keep[m, k] as int8 (tests only)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = _keep_mask(seed, offs_m, offs_k, K, dropout_p)
+    offs_m = _offsets(tl.program_id(0), BLOCK_M, False)
+    offs_k = _offsets(tl.program_id(1), BLOCK_K, False)
+    keep = _keep_mask(offs_m, offs_k, mask_key0, mask_key1, mask_threshold, mask_row_step)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], keep.to(tl.int8), mask=mask)
 
@@ -91,95 +153,119 @@ def _keep_mask_kernel(out_ptr, M, K, dropout_p, seed, BLOCK_M: tl.constexpr, BLO
 # Fused GEMM: C = A_op B_op (+ masked low-rank term) (+ biases) (+ C)
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _tile_coordinates(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row-tile, column-tile) of output tile number ``tile``, GROUP_M row-tiles at a time for L2 reuse."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_in_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_pid_m = (tile // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + ((tile % num_pid_in_group) % group_size_m), (tile % num_pid_in_group) // group_size_m
+
+
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _fused_gemm_kernel(
     a_ptr, b_ptr, c_ptr, s_ptr, l_ptr, bias_ptr, lbias_ptr,
     M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_sm, stride_sr, stride_lr, stride_ln,
-    lora_scale, lbias_scale, dropout_p, seed,
-    HAS_MAIN: tl.constexpr, HAS_LORA: tl.constexpr, LORA_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    lora_scale, lbias_scale, drop_scale, mask_key0, mask_key1, mask_threshold, mask_row_step,
+    HAS_MAIN: tl.constexpr, LORA_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LORA_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    EVEN_K: tl.constexpr, R_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr, USE_TMA: tl.constexpr, B_K_CONTIGUOUS: tl.constexpr, EVEN_K: tl.constexpr,
+    R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    """C[M, N] = sum_k A[m, k] B[k, n] + keep'[m, n] * lora_scale * (S[M, R] L[R, N]) + bias + lbias_scale * lbias.
+    """C[M, N] = sum_k A[m, k] B[k, n] + keep'[m, n] lora_scale (S[M, R] L[R, N]) + bias + lbias_scale lbias.
 
-    Forward:  A = X, B = W^T (strides), S = S, L = B_lora^T, lora_scale = g*s, no mask, bias, lbias_scale = g*s.
+    Forward:  A = X, B = W^T (strides), S = S, L = B_lora^T, lora_scale = g*s, no mask, lbias_scale = g*s.
     dX:       A = dY, B = W (strides), S = dS (already scaled by s), L = A_lora, lora_scale = 1, keep' = the
-              dropout mask of X over the output [M, K] scaled by 1/(1-p).
+              dropout mask of X over the output [M, K] times drop_scale = 1/(1-p).
     HAS_MAIN=False drops the K loop (low-rank term only) and ACCUMULATE adds the existing C: the cuBLAS path.
-    Grid: one program per BLOCK_M x BLOCK_N output tile, grouped GROUP_M row-tiles at a time for L2 reuse.
+    Schedule: program i of the grid computes output tiles i, i + grid size, ... (grouped GROUP_M row-tiles at a
+    time for L2 reuse): one tile each when the grid is the tile count, persistent when it is the SM count.
+    Main loop: pointer loads (cp.async on sm_80/sm_90), or with USE_TMA tensor-descriptor loads (TMA on sm_90;
+    A's K stride and B's contiguous stride are 1, B_K_CONTIGUOUS says which of B's strides that is).
     M_BUCKET is unused in the body: it is the autotuning key, so every token count in a bucket shares a config.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    if USE_TMA:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        if B_K_CONTIGUOUS:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coordinates(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = _offsets(pid_m, BLOCK_M, INT64_OFFSETS)
+        offs_n = _offsets(pid_n, BLOCK_N, INT64_OFFSETS)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-    # The low-rank term seeds the accumulator before the main loop, so that (masked or not) it costs no second
-    # BLOCK_M x BLOCK_N register tile next to the accumulator.
-    if HAS_LORA:
+        # The low-rank term seeds the accumulator before the main loop, so that (masked or not) it costs no
+        # second BLOCK_M x BLOCK_N register tile next to the accumulator.
         offs_r = tl.arange(0, R_BLOCK)
         s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
                     mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
         s = (s.to(tl.float32) * lora_scale).to(CDT)
         lt = tl.load(l_ptr + offs_r[:, None] * stride_lr + offs_n[None, :] * stride_ln,
                      mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0).to(CDT)
-        acc = tl.dot(s, lt, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(s, lt, input_precision=DOT_PRECISION)
         if LORA_DROPOUT:
-            keep = _keep_mask(seed, offs_m, offs_n, N, dropout_p)
-            acc = tl.where(keep, acc * (1.0 / (1.0 - dropout_p)), 0.0)
+            keep = _keep_mask(offs_m, offs_n, mask_key0, mask_key1, mask_threshold, mask_row_step)
+            acc = tl.where(keep, acc * drop_scale, 0.0)
 
-    if HAS_MAIN:
-        # Wrapped rows/columns read valid memory and are never stored, so only K needs a load mask.
-        rm = offs_m % M
-        rn = offs_n % N
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak
-        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + rn[None, :] * stride_bn
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
+        if HAS_MAIN:
+            if USE_TMA:  # out-of-bounds rows/columns/K read as zeros
+                for k in range(0, tl.cdiv(K, BLOCK_K)):
+                    a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+                    if B_K_CONTIGUOUS:
+                        b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K]).T
+                    else:
+                        b = b_desc.load([k * BLOCK_K, pid_n * BLOCK_N])
+                    acc = tl.dot(a.to(CDT), b.to(CDT), acc, input_precision=DOT_PRECISION)
             else:
-                k_left = K - k * BLOCK_K
-                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            acc = tl.dot(a.to(CDT), b.to(CDT), acc, input_precision=DOT_PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+                # Wrapped rows/columns read valid memory and are never stored, so only K needs a load mask.
+                rm = offs_m % M
+                rn = offs_n % N
+                offs_k = tl.arange(0, BLOCK_K)
+                a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak
+                b_ptrs = b_ptr + offs_k[:, None] * stride_bk + rn[None, :] * stride_bn
+                for k in range(0, tl.cdiv(K, BLOCK_K)):
+                    if EVEN_K:
+                        a = tl.load(a_ptrs)
+                        b = tl.load(b_ptrs)
+                    else:
+                        k_left = K - k * BLOCK_K
+                        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+                        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+                    acc = tl.dot(a.to(CDT), b.to(CDT), acc, input_precision=DOT_PRECISION)
+                    a_ptrs += BLOCK_K * stride_ak
+                    b_ptrs += BLOCK_K * stride_bk
 
-    n_mask = offs_n < N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_LORA_BIAS:
-        acc += lbias_scale * tl.load(lbias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    c_mask = (offs_m[:, None] < M) & n_mask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+        n_mask = offs_n < N
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_LORA_BIAS:
+            acc += lbias_scale * tl.load(lbias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        c_mask = (offs_m[:, None] < M) & n_mask[None, :]
+        if ACCUMULATE:
+            acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def _gemm_configs() -> list[triton.Config]:
-    if INTERPRET:  # autotuning needs a GPU; big blocks keep the interpreter's per-program overhead low
+def gemm_configs(for_interpreter: bool = INTERPRET) -> list[triton.Config]:
+    """The fused GEMM's autotuning configs (``_fused_gemm.configs``; ``prune_gemm_configs`` filters them)."""
+    if for_interpreter:  # autotuning needs a GPU; big blocks keep the interpreter's per-program overhead low
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
 
     def cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                              num_warps=warps, num_stages=stages)
 
-    # Hopper-sized tiles first (wgmma 128-row tiles, ~144 KiB smem at 3 stages); a GPU with less shared memory
-    # rejects them during tuning and the small 64x64x32 tile still fits anything.
+    # Hopper-sized tiles first (wgmma 128-row tiles); prune_gemm_configs drops what does not fit the device's
+    # shared memory at this rank and dtype, and the 64x64x32 tile fits everything.
     return [
         cfg(128, 256, 64, 8, 3),
         cfg(256, 128, 64, 8, 3),
@@ -190,81 +276,108 @@ def _gemm_configs() -> list[triton.Config]:
     ]
 
 
+def gemm_smem_bytes(config: triton.Config, elem_bytes: int, r_block: int) -> int:
+    """Estimated shared memory of the fused GEMM: pipelined A/B tiles plus the low-rank prologue's operands."""
+    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return (bm * bk + bk * bn) * elem_bytes * config.num_stages + (bm + bn) * r_block * elem_bytes
+
+
+def prune_gemm_configs(configs: list[triton.Config], named_args: dict, smem_limit: int | None = None,
+                       **kwargs) -> list[triton.Config]:
+    """The autotuner's ``early_config_prune``: drop configs over the shared-memory limit (of ``smem_limit``, or of
+    the output's device) and tiles taller than the token bucket, so fewer configs compile and all can launch.
+
+    The smallest config is always kept (it fits every supported target at every rank <= MAX_RANK)."""
+    args = {**named_args, **kwargs}
+    c = args["c_ptr"]
+    if smem_limit is None:
+        if not isinstance(c, Tensor) or c.device.type != "cuda":
+            return configs
+        smem_limit = _smem_limit(c.device)
+    elem = c.element_size() if args.get("CDT") != tl.float32 else 4
+    r_block, m_bucket = args["R_BLOCK"], args["M_BUCKET"]
+
+    def launchable(cfg: triton.Config) -> bool:
+        per_thread = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] // (32 * cfg.num_warps)
+        # The dX GEMM's dropout prologue hashes the whole tile while the accumulator is live: with 128
+        # accumulator elements per thread ptxas spills (sm_90: 255 registers + 72-160 B stack), with 64 it does not.
+        return (gemm_smem_bytes(cfg, elem, r_block) <= smem_limit and cfg.kwargs["BLOCK_M"] <= max(64, m_bucket)
+                and (per_thread <= 64 or not args["LORA_DROPOUT"]))
+
+    kept = [cfg for cfg in configs if launchable(cfg)]
+    return kept or [min(configs, key=lambda cfg: gemm_smem_bytes(cfg, elem, r_block))]
+
+
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 _fused_gemm = triton.autotune(
-    configs=_gemm_configs(),
-    key=["M_BUCKET", "N", "K", "HAS_LORA", "LORA_DROPOUT", "HAS_MAIN", "R_BLOCK"],
+    configs=gemm_configs(),
+    key=["M_BUCKET", "N", "K", "LORA_DROPOUT", "HAS_MAIN", "R_BLOCK", "USE_TMA"],
+    prune_configs_by={"early_config_prune": prune_gemm_configs},
 )(_even_k(_fused_gemm_kernel))
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Skinny kernels
 # --------------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _lora_s_kernel(
     x_ptr, a_ptr, s_ptr,
-    M, K, R, k_blocks_per_split,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
-    dropout_p, seed,
-    LORA_DROPOUT: tl.constexpr, S_ATOMIC: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    M, K, R, blocks_per_split,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_split, stride_sm, stride_sr,
+    drop_scale, mask_key0, mask_key1, mask_threshold, mask_row_step,
+    LORA_DROPOUT: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, INT64_OFFSETS: tl.constexpr, CDT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """S[M, R] = (1/(1-p)) * (keep * X)[M, K] @ A^T[K, R], accumulated in fp32.
 
     Grid (cdiv(M, BLOCK_M), splits): program (i, j) reduces row-block i over K-blocks
-    [j * k_blocks_per_split, (j + 1) * k_blocks_per_split); with several splits (few row-blocks, small M) the
-    partial sums meet in a zeroed S through fp32 atomics (S_ATOMIC).
+    [j * blocks_per_split, (j + 1) * blocks_per_split) into split j's output (``stride_split`` apart; 0 with
+    SPLIT_ATOMIC, where the splits add into one zeroed S).
     """
-    pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = _offsets(tl.program_id(0), BLOCK_M, INT64_OFFSETS)
     offs_r = tl.arange(0, R_BLOCK)
-    m_mask = offs_m < M
-    r_mask = offs_r < R
     acc = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
-    kb_start = pid_s * k_blocks_per_split
-    kb_end = min(kb_start + k_blocks_per_split, tl.cdiv(K, BLOCK_K))
+    kb_start = pid_s * blocks_per_split
+    kb_end = min(kb_start + blocks_per_split, tl.cdiv(K, BLOCK_K))
     for kb in range(kb_start, kb_end):
-        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        x = _load_kept_x(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk, dropout_p, seed, LORA_DROPOUT, CDT)
+        offs_k = _offsets(kb, BLOCK_K, INT64_OFFSETS)
+        x = _load_kept_x(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk,
+                         mask_key0, mask_key1, mask_threshold, mask_row_step, LORA_DROPOUT, CDT)
         at = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-                     mask=k_mask[:, None] & r_mask[None, :], other=0.0).to(CDT)
+                     mask=(offs_k[:, None] < K) & (offs_r[None, :] < R), other=0.0).to(CDT)
         acc = tl.dot(x, at, acc, input_precision=DOT_PRECISION)
     if LORA_DROPOUT:
-        acc = acc * (1.0 / (1.0 - dropout_p))
-    s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
-    s_mask = m_mask[:, None] & r_mask[None, :]
-    if S_ATOMIC:
-        tl.atomic_add(s_ptrs, acc, mask=s_mask)
-    else:
-        tl.store(s_ptrs, acc, mask=s_mask)
+        acc = acc * drop_scale
+    s_ptrs = s_ptr + pid_s * stride_split + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
+    _store_or_add(s_ptrs, acc, (offs_m[:, None] < M) & (offs_r[None, :] < R), SPLIT_ATOMIC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _lora_ds_db_kernel(
     dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, colsum_ptr,
-    M, N, R, n_blocks_per_split,
+    M, N, R, blocks_per_split,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
-    stride_dsm, stride_dsr, stride_dbn, stride_dbr,
+    stride_split, stride_dsm, stride_dsr, stride_dbn, stride_dbr,
     scaling,
-    COMPUTE_DS: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_COLSUM: tl.constexpr, DS_ATOMIC: tl.constexpr,
-    CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COMPUTE_DS: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_COLSUM: tl.constexpr,
+    SPLIT_ATOMIC: tl.constexpr, INT64_OFFSETS: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One read of each dY tile feeds three reductions:
 
-        dS[M, R]  = s * dY[M, N] @ B[N, R]        (over N: in registers, or fp32 atomics across N-splits)
-        dB[N, R] += dY^T[N, BLOCK_M] @ (s * S)    (over M: fp32 atomics, one per row-block and element)
-        colsum[N] += sum_rows(dY)                 (over M: fp32 atomics; gives d_bias and d_lora_bias)
+        dS[M, R]  = s * dY[M, N] @ B[N, R]        (over N: in registers; N-splits as in the S kernel)
+        dB[N, R] += dY^T[N, BLOCK_M] @ (s * S)    (over M: relaxed fp32 atomics, one per row-block and element)
+        colsum[N] += sum_rows(dY)                 (over M: relaxed fp32 atomics; gives d_bias and d_lora_bias)
 
     Grid (cdiv(M, BLOCK_M), splits): program (i, j) owns row-block i and N-blocks
-    [j * n_blocks_per_split, ...). Its walk over those N-blocks starts at an offset set by i, so concurrent
-    row-blocks add into different rows of dB rather than queueing on the same addresses.
+    [j * blocks_per_split, ...). Its walk over those N-blocks starts at an offset set by i, so concurrent
+    row-blocks add into different rows of dB rather than queueing on the same addresses. (In deterministic mode
+    the host leaves dB and colsum to torch: COMPUTE_DB = COMPUTE_COLSUM = False.)
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = _offsets(pid_m, BLOCK_M, INT64_OFFSETS)
     offs_r = tl.arange(0, R_BLOCK)
     m_mask = offs_m < M
     r_mask = offs_r < R
@@ -273,11 +386,10 @@ def _lora_ds_db_kernel(
                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         s = (s.to(tl.float32) * scaling).to(CDT)
     ds = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
-    nb_start = pid_s * n_blocks_per_split
-    nb_count = min(n_blocks_per_split, tl.cdiv(N, BLOCK_N) - nb_start)
+    nb_start = pid_s * blocks_per_split
+    nb_count = min(blocks_per_split, tl.cdiv(N, BLOCK_N) - nb_start)
     for i in range(0, nb_count):
-        nb = nb_start + (i + pid_m) % nb_count
-        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = _offsets(nb_start + (i + pid_m) % nb_count, BLOCK_N, INT64_OFFSETS)
         n_mask = offs_n < N
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(CDT)
@@ -287,72 +399,99 @@ def _lora_ds_db_kernel(
             ds = tl.dot(dy, b, ds, input_precision=DOT_PRECISION)
         if COMPUTE_DB:
             db = tl.dot(tl.trans(dy), s, input_precision=DOT_PRECISION)
-            tl.atomic_add(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, db,
-                          mask=n_mask[:, None] & r_mask[None, :])
+            _store_or_add(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, db,
+                          n_mask[:, None] & r_mask[None, :], True)
         if COMPUTE_COLSUM:
-            tl.atomic_add(colsum_ptr + offs_n, tl.sum(dy.to(tl.float32), axis=0), mask=n_mask)
+            _store_or_add(colsum_ptr + offs_n, tl.sum(dy.to(tl.float32), axis=0), n_mask, True)
     if COMPUTE_DS:
-        ds = ds * scaling
-        ds_ptrs = ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr
-        ds_mask = m_mask[:, None] & r_mask[None, :]
-        if DS_ATOMIC:
-            tl.atomic_add(ds_ptrs, ds, mask=ds_mask)
-        else:
-            tl.store(ds_ptrs, ds, mask=ds_mask)
+        ds_ptrs = ds_ptr + pid_s * stride_split + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr
+        _store_or_add(ds_ptrs, ds * scaling, m_mask[:, None] & r_mask[None, :], SPLIT_ATOMIC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _lora_da_kernel(
     ds_ptr, x_ptr, da_ptr,
-    M, K, R, m_blocks_per_split,
-    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dar, stride_dak,
-    dropout_p, seed,
-    LORA_DROPOUT: tl.constexpr, DA_ATOMIC: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    M, K, R, blocks_per_split,
+    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_split, stride_dar, stride_dak,
+    drop_scale, mask_key0, mask_key1, mask_threshold, mask_row_step,
+    LORA_DROPOUT: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, INT64_OFFSETS: tl.constexpr, CDT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dA^T[K, R] = (1/(1-p)) * (keep * X)^T[K, M] @ dS[M, R], stored transposed into dA [R, K] (fp32).
 
     Computed as dA^T so the MMA's long side is BLOCK_K rather than the rank. Grid (cdiv(K, BLOCK_K), splits):
-    program (i, j) owns K-block i and reduces over row-blocks [j * m_blocks_per_split, ...); several splits
-    (large M, few K-blocks) meet in a zeroed dA through fp32 atomics (DA_ATOMIC).
+    program (i, j) owns K-block i and reduces over row-blocks [j * blocks_per_split, ...) into split j's output.
     """
-    pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_k = _offsets(tl.program_id(0), BLOCK_K, INT64_OFFSETS)
     offs_r = tl.arange(0, R_BLOCK)
-    k_mask = offs_k < K
-    r_mask = offs_r < R
     acc = tl.zeros((BLOCK_K, R_BLOCK), dtype=tl.float32)
-    mb_start = pid_s * m_blocks_per_split
-    mb_end = min(mb_start + m_blocks_per_split, tl.cdiv(M, BLOCK_M))
+    mb_start = pid_s * blocks_per_split
+    mb_end = min(mb_start + blocks_per_split, tl.cdiv(M, BLOCK_M))
     for mb in range(mb_start, mb_end):
-        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < M
-        x = _load_kept_x(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk, dropout_p, seed, LORA_DROPOUT, CDT)
+        offs_m = _offsets(mb, BLOCK_M, INT64_OFFSETS)
+        x = _load_kept_x(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk,
+                         mask_key0, mask_key1, mask_threshold, mask_row_step, LORA_DROPOUT, CDT)
         ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
-                     mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(CDT)
+                     mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0).to(CDT)
         acc = tl.dot(tl.trans(x), ds, acc, input_precision=DOT_PRECISION)
     if LORA_DROPOUT:
-        acc = acc * (1.0 / (1.0 - dropout_p))
-    da_ptrs = da_ptr + offs_k[:, None] * stride_dak + offs_r[None, :] * stride_dar
-    da_mask = k_mask[:, None] & r_mask[None, :]
-    if DA_ATOMIC:
-        tl.atomic_add(da_ptrs, acc, mask=da_mask)
-    else:
-        tl.store(da_ptrs, acc, mask=da_mask)
+        acc = acc * drop_scale
+    da_ptrs = da_ptr + pid_s * stride_split + offs_k[:, None] * stride_dak + offs_r[None, :] * stride_dar
+    _store_or_add(da_ptrs, acc, (offs_k[:, None] < K) & (offs_r[None, :] < R), SPLIT_ATOMIC)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Host side
+# Host side: dispatch decisions
 # --------------------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N or BLOCK_K, num_warps, num_stages) of the skinny kernels. They are memory-bound, so they are
-# not autotuned (tuning would also replay their atomics); GPU sizes keep a 16-128 KiB tile stream per program.
-if INTERPRET:
-    _S_CFG = _DA_CFG = _DSDB_CFG = (64, 64, 4, 1)
-else:
-    _S_CFG = (64, 128, 4, 3)
-    _DA_CFG = (64, 128, 4, 3)
-    _DSDB_CFG = (256, 64, 8, 3)  # tall row-blocks: dB atomics scale with M / BLOCK_M
+def default_cublas_below_m() -> int:
+    """``cublas_below_m`` when the caller passes None: ``COTO_TRITON_CUBLAS_BELOW_M`` (a row count >= 0) or 128."""
+    raw = os.environ.get(CUBLAS_BELOW_M_ENV)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_CUBLAS_BELOW_M
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{CUBLAS_BELOW_M_ENV}={raw!r} is not an integer: set it to a row count >= 0 "
+                         f"(default {DEFAULT_CUBLAS_BELOW_M}) or unset it") from None
+    if value < 0:
+        raise ValueError(f"{CUBLAS_BELOW_M_ENV}={raw!r} is negative: set it to a row count >= 0 "
+                         f"(default {DEFAULT_CUBLAS_BELOW_M}) or unset it")
+    return value
+
+
+def _resolve_cublas_below_m(cublas_below_m: int | None) -> int:
+    if cublas_below_m is None:
+        return default_cublas_below_m()
+    if cublas_below_m < 0:
+        raise ValueError(f"cublas_below_m must be >= 0, got {cublas_below_m}")
+    return cublas_below_m
+
+
+def needs_int64_offsets(*tensors: Tensor | None) -> bool:
+    """Whether some element offset of these tensors reaches 2**31, so a kernel over them needs int64 offsets.
+
+    Reads only shapes and strides (works on ``meta`` tensors). Example: LoRA on a 128k-vocabulary ``lm_head``
+    with 16.7k tokens has a Y of M * N > 2**31 elements.
+    """
+    def max_offset(t: Tensor) -> int:
+        return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True) if size > 0)
+
+    return any(t is not None and t.numel() > 0 and max_offset(t) >= 2**31 for t in tensors)
+
+
+@functools.cache
+def _warn_rank_fallback_once() -> None:
+    warnings.warn(f"coto_kernels: the Triton LoRA kernels take ranks up to {MAX_RANK}; layers of larger rank use "
+                  "the torch backend (same math and dropout mask)", stacklevel=4)
+
+
+def _uses_torch_backend(x: Tensor, rank: int) -> bool:
+    """Calls the Triton kernels do not take (see the module docstring): too large a rank, or IEEE fp32."""
+    if rank > MAX_RANK:
+        _warn_rank_fallback_once()
+        return True
+    return x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 def _r_block(r: int) -> int:
@@ -365,11 +504,18 @@ def _compute_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float32 if INTERPRET else _TL_DTYPE[dtype]
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's TF32 switch so results match ``F.linear``; ignored for 16-bit inputs."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+def _smem_limit(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_smem_limit(index)
+
+
+@functools.cache
+def _device_smem_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    if limit is None:
+        limit = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return limit
 
 
 @functools.cache
@@ -391,183 +537,345 @@ def _splits(blocks: int, split_blocks: int, device: torch.device) -> tuple[int, 
     return triton.cdiv(split_blocks, per), per
 
 
-def _weight_strides(weight: Tensor, weight_is_kn: bool) -> tuple[int, int, int]:
-    """(N, stride over n, stride over k) of the base weight, whichever way it is stored."""
-    if weight_is_kn:
-        return weight.shape[1], weight.stride(1), weight.stride(0)
-    return weight.shape[0], weight.stride(0), weight.stride(1)
+def _tma_eligible(a: Tensor, b: Tensor, b_strides: tuple[int, int]) -> bool:
+    """Whether the GEMM's A and B can be read through tensor descriptors (TMA): a Hopper-or-newer GPU, a Triton
+    with ``tl.make_tensor_descriptor``, 16-bit operands, unit stride along one dimension, 16-byte aligned rows."""
+    if a.device.type != "cuda" or not _HAS_TENSOR_DESCRIPTORS or a.element_size() != 2:
+        return False
+    if torch.cuda.get_device_capability(a.device)[0] < 9:
+        return False
+
+    def rows_aligned(t: Tensor, stride: int) -> bool:
+        return t.data_ptr() % 16 == 0 and stride * t.element_size() % 16 == 0
+
+    return a.stride(1) == 1 and rows_aligned(a, a.stride(0)) and 1 in b_strides and rows_aligned(b, max(b_strides))
 
 
-def _launch_gemm(
-    a: Tensor | None, a_strides: tuple[int, int], b: Tensor | None, b_strides: tuple[int, int], c: Tensor,
-    k: int, lora_s: Tensor, lora_l: Tensor, l_strides: tuple[int, int], lora_scale: float,
-    bias: Tensor | None, lora_bias: Tensor | None, lbias_scale: float, dropout_p: float, seed: int,
-    compute: torch.dtype,
-) -> None:
-    """C (+)= A_op B_op + low-rank term; ``a is None`` launches the low-rank-only variant that adds into C."""
-    m, n = c.shape
-    r = lora_s.shape[1]
-    has_main = a is not None
-    common = dict(
-        M=m, N=n, K=k if has_main else 0, R=r, M_BUCKET=min(triton.next_power_of_2(m), 16384),
-        stride_am=a_strides[0], stride_ak=a_strides[1], stride_bk=b_strides[0], stride_bn=b_strides[1],
-        stride_cm=c.stride(0), stride_cn=c.stride(1), stride_sm=lora_s.stride(0), stride_sr=lora_s.stride(1),
-        stride_lr=l_strides[0], stride_ln=l_strides[1],
-        lora_scale=lora_scale, lbias_scale=lbias_scale, dropout_p=dropout_p, seed=seed,
-        HAS_MAIN=has_main, HAS_LORA=True, LORA_DROPOUT=dropout_p > 0.0, HAS_BIAS=bias is not None,
-        HAS_LORA_BIAS=lora_bias is not None, ACCUMULATE=not has_main, CDT=_compute_dtype(compute),
-        DOT_PRECISION=_dot_precision(compute), R_BLOCK=_r_block(r),
-    )
-    ptrs = (a if has_main else c, b if has_main else c, c, lora_s, lora_l,
-            bias if bias is not None else c, lora_bias if lora_bias is not None else c)
-    if has_main:
-        def grid(meta: dict) -> tuple[int]:
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of the persistent GEMM: one per SM (the split-reduction target off a GPU, for tests)."""
+    if device.type != "cuda":
+        return _target_programs(device)
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
-        _fused_gemm[grid](*ptrs, **common)
+
+@functools.cache
+def _install_descriptor_allocator(device_type: str) -> None:
+    """Device-side tensor descriptors need Triton's global scratch allocator (128 bytes per program): installed,
+    process-wide, at the first TMA launch; a torch allocation on the current device."""
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device_type))
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """Tile of a skinny kernel: BLOCK_M rows by BLOCK (K for the S/dA passes, N for dS/dB), warps, stages."""
+
+    block_m: int
+    block: int
+    num_warps: int
+    num_stages: int
+
+
+def skinny_config(kernel: str, r_block: int, x_bytes: int, side_bytes: int) -> SkinnyConfig:
+    """The tile of ``kernel`` ("s", "da" or "ds_db") at padded rank ``r_block``.
+
+    ``x_bytes``: element size of the streamed tile (X or dY); ``side_bytes``: of the rank-wide operand streamed
+    with it (A, dS (fp32) or B). The fp32 accumulator (BLOCK x r_block) is held to 64 registers per thread by
+    more warps / shorter tiles at large ranks, and the pipelined operand tiles stay within SKINNY_SMEM_BUDGET
+    (fewer stages, then shorter tiles): every r <= MAX_RANK fits sm_80 and sm_90.
+    """
+    if INTERPRET:
+        return SkinnyConfig(64, 64, 4, 1)
+    if kernel == "ds_db":
+        # Tall row-blocks while the rank is small: dB atomics scale with M / BLOCK_M.
+        # Both accumulators (dS: block_m x r, dB: block x r) stay within 96 fp32 registers per thread: at r = 128
+        # a 128-row tile spilled on sm_80 (255 registers + 32 B stack), 64 rows did not.
+        block_m, block = min(256, max(64, 8192 // r_block)), min(64, 8192 // r_block)
+        resident = block_m * r_block * x_bytes  # s * S, the dB MMA's operand, loaded once
     else:
-        # Not autotuned: it adds into C, so tuning replays would add the term several times.
-        bm, bn = (64, 64) if INTERPRET else (64, 128)
-        _fused_gemm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
-            *ptrs, **common, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, GROUP_M=8, num_warps=4
-        )
+        block_m, block = 64, 128 if r_block <= 64 else 64
+        resident = 0
+    accumulator_rows = block if kernel == "da" else block_m
+    num_warps = 8 if kernel == "ds_db" or accumulator_rows * r_block > 64 * 64 else 4
+
+    def stage_bytes(blk: int) -> int:
+        side_rows = block_m if kernel == "da" else blk
+        return block_m * blk * x_bytes + side_rows * r_block * side_bytes
+
+    for stages in (3, 2):
+        if resident + stages * stage_bytes(block) <= SKINNY_SMEM_BUDGET:
+            return SkinnyConfig(block_m, block, num_warps, stages)
+    while block > 16 and resident + 2 * stage_bytes(block) > SKINNY_SMEM_BUDGET:
+        block //= 2
+    return SkinnyConfig(block_m, block, num_warps, 2)
 
 
-def _lora_s(x: Tensor, lora_a: Tensor, dropout_p: float, seed: int) -> Tensor:
+@dataclass(frozen=True)
+class _Dropout:
+    """The dropout of one call as kernel arguments: the mask's seed keys and threshold, hoisted to the host."""
+
+    enabled: bool
+    scale: float
+    key0: int
+    key1: int
+    threshold: int
+    row_step: int
+
+    @staticmethod
+    def of(options: LoraOptions, width: int) -> _Dropout:
+        key0, key1 = seed_keys(options.seed)
+        # keep_threshold reaches 2**31 only for p > 1 - 2**-33 (nothing kept either way); clamp into int32.
+        threshold = min(keep_threshold(options.dropout_p), 2**31 - 1)
+        row_step = (width * GOLDEN) & _U32
+        row_step -= (1 << 32) if row_step >= 1 << 31 else 0
+        scale = 1.0 / (1.0 - options.dropout_p) if options.has_dropout else 1.0
+        return _Dropout(options.has_dropout, scale, key0, key1, threshold, row_step)
+
+    def kernel_args(self) -> dict:
+        """The kernels' dropout arguments (the same names in every kernel)."""
+        return dict(drop_scale=self.scale, mask_key0=self.key0, mask_key1=self.key1,
+                    mask_threshold=self.threshold, mask_row_step=self.row_step, LORA_DROPOUT=self.enabled)
+
+
+_NO_DROPOUT = _Dropout(enabled=False, scale=1.0, key0=0, key1=0, threshold=-(2**31), row_step=0)
+
+
+@dataclass
+class _SplitOutput:
+    """Where the splits of a split reduction write: one buffer (single split, or zeroed with atomics) or, in
+    deterministic mode, one partial buffer per split that ``result`` sums in a fixed order."""
+
+    buffer: Tensor
+    stride_split: int
+    atomic: bool
+
+    @staticmethod
+    def of(shape: tuple[int, ...], splits: int, device: torch.device) -> _SplitOutput:
+        f32 = dict(device=device, dtype=torch.float32)
+        if splits == 1:
+            return _SplitOutput(torch.empty(shape, **f32), 0, False)
+        if torch.are_deterministic_algorithms_enabled():
+            buffer = torch.empty((splits, *shape), **f32)
+            return _SplitOutput(buffer, buffer.stride(0), False)
+        return _SplitOutput(torch.zeros(shape, **f32), 0, True)
+
+    def result(self) -> Tensor:
+        return self.buffer.sum(0) if self.stride_split else self.buffer
+
+    def out_strides(self) -> tuple[int, int]:
+        return self.buffer.stride(-2), self.buffer.stride(-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Host side: one launcher per kernel
+# --------------------------------------------------------------------------------------------------------------
+def _launch_s(x: Tensor, lora_a: Tensor, dropout: _Dropout) -> Tensor:
+    """S = drop(X) A^T (fp32 [M, r])."""
     m, k = x.shape
     r = lora_a.shape[0]
-    bm, bk, warps, stages = _S_CFG
-    splits, per = _splits(triton.cdiv(m, bm), triton.cdiv(k, bk), x.device)
-    s = (torch.zeros if splits > 1 else torch.empty)((m, r), device=x.device, dtype=torch.float32)
-    _lora_s_kernel[(triton.cdiv(m, bm), splits)](
-        x, lora_a, s, m, k, r, per,
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), s.stride(0), s.stride(1),
-        dropout_p, seed,
-        LORA_DROPOUT=dropout_p > 0.0, S_ATOMIC=splits > 1, CDT=_compute_dtype(x.dtype),
-        DOT_PRECISION=_dot_precision(x.dtype), R_BLOCK=_r_block(r), BLOCK_M=bm, BLOCK_K=bk,
-        num_warps=warps, num_stages=stages,
+    cfg = skinny_config("s", _r_block(r), x.element_size(), lora_a.element_size())
+    splits, per = _splits(triton.cdiv(m, cfg.block_m), triton.cdiv(k, cfg.block), x.device)
+    out = _SplitOutput.of((m, r), splits, x.device)
+    stride_sm, stride_sr = out.out_strides()
+    _lora_s_kernel[(triton.cdiv(m, cfg.block_m), splits)](
+        x_ptr=x, a_ptr=lora_a, s_ptr=out.buffer, M=m, K=k, R=r, blocks_per_split=per,
+        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_a.stride(0), stride_ak=lora_a.stride(1),
+        stride_split=out.stride_split, stride_sm=stride_sm, stride_sr=stride_sr, **dropout.kernel_args(),
+        SPLIT_ATOMIC=out.atomic, INT64_OFFSETS=needs_int64_offsets(x, lora_a, out.buffer),
+        CDT=_compute_dtype(x.dtype), DOT_PRECISION=_DOT_PRECISION, R_BLOCK=_r_block(r),
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return s
+    return out.result()
 
 
+def _launch_ds_db(dy: Tensor, lora_b: Tensor, s: Tensor | None, scaling: float, need: GradRequest,
+                  compute_dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dS = s dY B, dB = s dY^T S, colsum(dY)), fp32, each None when not needed."""
+    m, n = dy.shape
+    r = lora_b.shape[1]
+    need_ds = need.dx or need.dlora
+    need_colsum = need.dbias or need.dlora_bias
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    db = colsum = None
+    if deterministic:  # dB and colsum reduce over M across programs: fixed-order torch ops instead of atomics
+        if need.dlora:
+            dt = torch.promote_types(dy.dtype, lora_b.dtype)
+            db = (dy.to(dt).t() @ (s * scaling).to(dt)).float()
+        if need_colsum:
+            colsum = dy.sum(0, dtype=torch.float32)
+        if not need_ds:
+            return None, db, colsum
+    cfg = skinny_config("ds_db", _r_block(r), dy.element_size(), lora_b.element_size())
+    splits, per = _splits(triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block), dy.device)
+    ds = _SplitOutput.of((m, r), splits, dy.device) if need_ds else None
+    compute_db, compute_colsum = need.dlora and not deterministic, need_colsum and not deterministic
+    f32 = dict(device=dy.device, dtype=torch.float32)
+    if compute_db:
+        db = torch.zeros((n, r), **f32)
+    if compute_colsum:
+        colsum = torch.zeros((n,), **f32)
+    unused = dy  # pointer arguments of outputs a constexpr flag switches off
+    ds_strides = ds.out_strides() if ds is not None else (0, 0)
+    _lora_ds_db_kernel[(triton.cdiv(m, cfg.block_m), splits)](
+        dy_ptr=dy, b_ptr=lora_b, s_ptr=s if compute_db else unused, ds_ptr=ds.buffer if ds is not None else unused,
+        db_ptr=db if compute_db else unused, colsum_ptr=colsum if compute_colsum else unused,
+        M=m, N=n, R=r, blocks_per_split=per,
+        stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1),
+        stride_sm=s.stride(0) if compute_db else 0, stride_sr=s.stride(1) if compute_db else 0,
+        stride_split=ds.stride_split if ds is not None else 0, stride_dsm=ds_strides[0], stride_dsr=ds_strides[1],
+        stride_dbn=db.stride(0) if compute_db else 0, stride_dbr=db.stride(1) if compute_db else 0,
+        scaling=scaling,
+        COMPUTE_DS=need_ds, COMPUTE_DB=compute_db, COMPUTE_COLSUM=compute_colsum,
+        SPLIT_ATOMIC=ds is not None and ds.atomic,
+        INT64_OFFSETS=needs_int64_offsets(dy, lora_b, s, ds.buffer if ds is not None else None, db),
+        CDT=_compute_dtype(compute_dtype), DOT_PRECISION=_DOT_PRECISION, R_BLOCK=_r_block(r),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return (ds.result() if ds is not None else None), db, colsum
+
+
+def _launch_da(ds: Tensor, x: Tensor, dropout: _Dropout) -> Tensor:
+    """dA = dS^T drop(X) (fp32 [r, K])."""
+    m, k = x.shape
+    r = ds.shape[1]
+    cfg = skinny_config("da", _r_block(r), x.element_size(), ds.element_size())
+    splits, per = _splits(triton.cdiv(k, cfg.block), triton.cdiv(m, cfg.block_m), x.device)
+    out = _SplitOutput.of((r, k), splits, x.device)
+    stride_dar, stride_dak = out.out_strides()
+    _lora_da_kernel[(triton.cdiv(k, cfg.block), splits)](
+        ds_ptr=ds, x_ptr=x, da_ptr=out.buffer, M=m, K=k, R=r, blocks_per_split=per,
+        stride_dsm=ds.stride(0), stride_dsr=ds.stride(1), stride_xm=x.stride(0), stride_xk=x.stride(1),
+        stride_split=out.stride_split, stride_dar=stride_dar, stride_dak=stride_dak, **dropout.kernel_args(),
+        SPLIT_ATOMIC=out.atomic, INT64_OFFSETS=needs_int64_offsets(ds, x, out.buffer),
+        CDT=_compute_dtype(x.dtype), DOT_PRECISION=_DOT_PRECISION, R_BLOCK=_r_block(r),
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out.result()
+
+
+def _launch_gemm(*, a: Tensor, b: Tensor, b_strides: tuple[int, int], out_features: int, bias: Tensor | None,
+                 lowrank_s: Tensor, lowrank_l: Tensor, l_strides: tuple[int, int], lora_scale: float,
+                 lora_bias: Tensor | None, dropout: _Dropout, cublas_below_m: int,
+                 cublas_base: Callable[[], Tensor]) -> Tensor:
+    """C = A B_op + bias + masked low-rank term (lora_scale S L) + lora_scale lora_bias, C [M, out_features].
+
+    For ``M < cublas_below_m`` C comes from ``cublas_base()`` (the base GEMM and bias on cuBLAS) and the kernel,
+    its main loop compiled out, adds the low-rank term into it (not autotuned: tuning replays would add it
+    several times)."""
+    m, k = a.shape
+    n = out_features
+    r = lowrank_s.shape[1]
+    on_cublas = m < cublas_below_m
+    c = cublas_base() if on_cublas else torch.empty((m, n), device=a.device, dtype=a.dtype)
+    args = dict(
+        a_ptr=a, b_ptr=b, c_ptr=c, s_ptr=lowrank_s, l_ptr=lowrank_l,
+        bias_ptr=bias if bias is not None and not on_cublas else c, lbias_ptr=lora_bias if lora_bias is not None else c,
+        M=m, N=n, K=k, R=r, M_BUCKET=min(triton.next_power_of_2(m), 16384),
+        stride_am=a.stride(0), stride_ak=a.stride(1), stride_bk=b_strides[0], stride_bn=b_strides[1],
+        stride_cm=c.stride(0), stride_cn=c.stride(1), stride_sm=lowrank_s.stride(0), stride_sr=lowrank_s.stride(1),
+        stride_lr=l_strides[0], stride_ln=l_strides[1], lora_scale=lora_scale, lbias_scale=lora_scale,
+        **dropout.kernel_args(),
+        HAS_MAIN=not on_cublas, HAS_BIAS=bias is not None and not on_cublas, HAS_LORA_BIAS=lora_bias is not None,
+        ACCUMULATE=on_cublas, CDT=_compute_dtype(a.dtype), DOT_PRECISION=_DOT_PRECISION,
+        INT64_OFFSETS=needs_int64_offsets(a, b, c, lowrank_s, lowrank_l), R_BLOCK=_r_block(r),
+        USE_TMA=False, B_K_CONTIGUOUS=b_strides[0] == 1,
+    )
+    if on_cublas:
+        bm, bn = (64, 64) if INTERPRET else (64, 128)
+        _fused_gemm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
+            **args, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, GROUP_M=8, num_warps=4)
+        return c
+    # Hopper: TMA main loop, persistent grid (one program per SM walks the tiles); elsewhere one program per tile.
+    use_tma = _tma_eligible(a, b, b_strides)
+    max_programs = _persistent_programs(a.device) if use_tma else None
+    if use_tma:
+        _install_descriptor_allocator(a.device.type)
+
+    def grid(meta: dict) -> tuple[int]:
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        return (tiles if max_programs is None else min(tiles, max_programs),)
+
+    _fused_gemm[grid](**{**args, "USE_TMA": use_tma})
+    return c
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backend API (interface.LoraBackend)
+# --------------------------------------------------------------------------------------------------------------
 def dropout_keep_mask(seed: int, shape: tuple[int, int], dropout_p: float, device: torch.device | str) -> Tensor:
-    """The exact keep-mask (bool ``shape``) the kernels regenerate for ``seed``: for tests, never used in training."""
+    """The keep mask (bool ``shape``) the kernels regenerate for ``seed``, computed by a Triton kernel (tests)."""
     m, k = shape
     out = torch.empty((m, k), dtype=torch.int8, device=device)
     if m and k:
-        _keep_mask_kernel[(triton.cdiv(m, 64), triton.cdiv(k, 64))](out, m, k, dropout_p, seed, BLOCK_M=64, BLOCK_K=64)
+        dropout = _Dropout.of(LoraOptions(scaling=1.0, dropout_p=dropout_p, seed=seed), k)
+        _keep_mask_kernel[(triton.cdiv(m, 64), triton.cdiv(k, 64))](
+            out_ptr=out, M=m, K=k, mask_key0=dropout.key0, mask_key1=dropout.key1,
+            mask_threshold=dropout.threshold, mask_row_step=dropout.row_step, BLOCK_M=64, BLOCK_K=64)
     return out.bool()
 
 
 def lora_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None, *,
-    options: LoraOptions,
+    options: LoraOptions, cublas_below_m: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``(Y, S)`` for 2-D ``x`` [M, K]: Y [M, N] in x's dtype, S fp32 [M, r] or None (gate off).
 
-    See the module docstring for the kernels and the dispatch.
+    ``cublas_below_m``: token counts below it run the base GEMM on cuBLAS (None: ``default_cublas_below_m()``).
     """
-    scaling, gate, dropout_p, seed, weight_is_kn = (options.scaling, options.gate, options.dropout_p, options.seed,
-                                                    options.weight_is_kn)
-    m, k = x.shape
-    n, stride_wn, stride_wk = _weight_strides(weight, weight_is_kn)
-    if not gate:
-        return torch.nn.functional.linear(x, weight.t() if weight_is_kn else weight, bias), None
-    r = lora_a.shape[0]
+    w_nk = weight_nk(weight, options.weight_is_kn)
+    if not options.gate:
+        return torch.nn.functional.linear(x, w_nk, bias), None
+    if _uses_torch_backend(x, lora_a.shape[0]):
+        return lora_torch.lora_forward(x, weight, bias, lora_a, lora_b, lora_bias, options=options)
+    cublas_below_m = _resolve_cublas_below_m(cublas_below_m)
+    m = x.shape[0]
     if m == 0:
-        return x.new_empty((0, n)), x.new_empty((0, r), dtype=torch.float32)
-    s = _lora_s(x, lora_a, dropout_p, seed)
-    if m < CUBLAS_BELOW_M:
-        y = torch.nn.functional.linear(x, weight.t() if weight_is_kn else weight, bias)
-        _launch_gemm(None, (0, 0), None, (0, 0), y, k, s, lora_b, (lora_b.stride(1), lora_b.stride(0)), scaling,
-                     None, lora_bias, scaling, 0.0, seed, x.dtype)
-    else:
-        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-        _launch_gemm(x, (x.stride(0), x.stride(1)), weight, (stride_wk, stride_wn), y, k,
-                     s, lora_b, (lora_b.stride(1), lora_b.stride(0)), scaling,
-                     bias, lora_bias, scaling, 0.0, seed, x.dtype)
+        return x.new_empty((0, w_nk.shape[0])), x.new_empty((0, lora_a.shape[0]), dtype=torch.float32)
+    s = _launch_s(x, lora_a, _Dropout.of(options, x.shape[1]))
+    y = _launch_gemm(
+        a=x, b=w_nk, b_strides=(w_nk.stride(1), w_nk.stride(0)), out_features=w_nk.shape[0], bias=bias,
+        lowrank_s=s, lowrank_l=lora_b, l_strides=(lora_b.stride(1), lora_b.stride(0)), lora_scale=options.scaling,
+        lora_bias=lora_bias, dropout=_NO_DROPOUT,  # Y's low-rank term is not masked (S already is)
+        cublas_below_m=cublas_below_m, cublas_base=lambda: torch.nn.functional.linear(x, w_nk, bias),
+    )
     return y, s
 
 
 def lora_backward(
     dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s: Tensor | None, *,
-    options: LoraOptions, need: GradRequest,
+    options: LoraOptions, need: GradRequest, cublas_below_m: int | None = None,
 ) -> LoraGrads:
-    """The gradients for 2-D ``dy`` [M, N]; ``s`` is the fp32 S returned by :func:`lora_forward`."""
-    scaling, gate, dropout_p, seed, weight_is_kn = (options.scaling, options.gate, options.dropout_p, options.seed,
-                                                    options.weight_is_kn)
-    need_dx, need_dlora, need_dbias, need_dlora_bias = need.dx, need.dlora, need.dbias, need.dlora_bias
-    m, k = x.shape
-    n, stride_wn, stride_wk = _weight_strides(weight, weight_is_kn)
-    w_nk = weight.t() if weight_is_kn else weight
-    if not gate:
-        dx = dy @ w_nk if need_dx else None
-        d_bias = dy.sum(0) if need_dbias else None
-        return LoraGrads(dx, None, None, d_bias, None)
-
+    """The gradients for 2-D ``dy`` [M, N]; ``s`` is the S returned by :func:`lora_forward`."""
+    w_nk = weight_nk(weight, options.weight_is_kn)
+    if not options.gate:
+        return LoraGrads(dy @ w_nk if need.dx else None, None, None, dy.sum(0) if need.dbias else None, None)
     r = lora_a.shape[0]
-    need_ds = need_dx or need_dlora
-    need_colsum = need_dbias or need_dlora_bias
-    if need_dlora and s is None:
+    if _uses_torch_backend(x, r):
+        s = s.to(lora_a.dtype) if s is not None else None  # a Triton forward's fp32 S, should TF32 have changed
+        return lora_torch.lora_backward(dy, x, weight, lora_a, lora_b, s, options=options, need=need)
+    if need.dlora and s is None:
         raise ValueError("lora_backward needs the S returned by lora_forward to compute the adapter gradients")
-    device = dy.device
-    f32 = dict(device=device, dtype=torch.float32)
-    ds = db = colsum = None
-    if m > 0 and (need_ds or need_colsum):
-        bm, bn, warps, stages = _DSDB_CFG
-        splits, per = _splits(triton.cdiv(m, bm), triton.cdiv(n, bn), device)
-        ds = (torch.zeros if splits > 1 else torch.empty)((m, r), **f32) if need_ds else None
-        db = torch.zeros((n, r), **f32) if need_dlora else None
-        colsum = torch.zeros((n,), **f32) if need_colsum else None
-        dummy = dy
-        _lora_ds_db_kernel[(triton.cdiv(m, bm), splits)](
-            dy, lora_b, s if need_dlora else dummy, ds if need_ds else dummy, db if need_dlora else dummy,
-            colsum if need_colsum else dummy,
-            m, n, r, per,
-            dy.stride(0), dy.stride(1), lora_b.stride(0), lora_b.stride(1),
-            s.stride(0) if need_dlora else 0, s.stride(1) if need_dlora else 0,
-            ds.stride(0) if need_ds else 0, ds.stride(1) if need_ds else 0,
-            db.stride(0) if need_dlora else 0, db.stride(1) if need_dlora else 0,
-            scaling,
-            COMPUTE_DS=need_ds, COMPUTE_DB=need_dlora, COMPUTE_COLSUM=need_colsum, DS_ATOMIC=splits > 1,
-            CDT=_compute_dtype(x.dtype), DOT_PRECISION=_dot_precision(x.dtype), R_BLOCK=_r_block(r),
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+    cublas_below_m = _resolve_cublas_below_m(cublas_below_m)
+    m, k = x.shape
+    n = w_nk.shape[0]
+    if m == 0:
+        ds, db, colsum = torch.zeros((0, r), device=dy.device), torch.zeros((n, r), device=dy.device), \
+            torch.zeros((n,), device=dy.device)
+    else:
+        ds, db, colsum = _launch_ds_db(dy, lora_b, s, options.scaling, need, x.dtype)
+    dropout = _Dropout.of(options, k)
+    dx = da = None
+    if need.dx:
+        dx = x.new_empty((0, k)) if m == 0 else _launch_gemm(
+            a=dy, b=w_nk, b_strides=(w_nk.stride(0), w_nk.stride(1)), out_features=k, bias=None,
+            lowrank_s=ds, lowrank_l=lora_a, l_strides=(lora_a.stride(0), lora_a.stride(1)), lora_scale=1.0,
+            lora_bias=None, dropout=dropout, cublas_below_m=cublas_below_m, cublas_base=lambda: dy @ w_nk,
         )
-    elif m == 0:
-        ds = torch.zeros((0, r), **f32)
-        db = torch.zeros((n, r), **f32)
-        colsum = torch.zeros((n,), **f32)
-
-    dx = None
-    if need_dx:
-        a_strides = (lora_a.stride(0), lora_a.stride(1))
-        if m == 0:
-            dx = x.new_empty((0, k))
-        elif m < CUBLAS_BELOW_M:
-            dx = dy @ w_nk
-            _launch_gemm(None, (0, 0), None, (0, 0), dx, n, ds, lora_a, a_strides, 1.0,
-                         None, None, 0.0, dropout_p, seed, x.dtype)
-        else:
-            dx = torch.empty((m, k), device=device, dtype=x.dtype)
-            _launch_gemm(dy, (dy.stride(0), dy.stride(1)), weight, (stride_wn, stride_wk), dx, n,
-                         ds, lora_a, a_strides, 1.0, None, None, 0.0, dropout_p, seed, x.dtype)
-
-    d_lora_a = d_lora_b = None
-    if need_dlora:
-        da = torch.zeros((r, k), **f32)
-        if m > 0:
-            bm, bk, warps, stages = _DA_CFG
-            splits, per = _splits(triton.cdiv(k, bk), triton.cdiv(m, bm), device)
-            _lora_da_kernel[(triton.cdiv(k, bk), splits)](
-                ds, x, da, m, k, r, per,
-                ds.stride(0), ds.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
-                dropout_p, seed,
-                LORA_DROPOUT=dropout_p > 0.0, DA_ATOMIC=splits > 1, CDT=_compute_dtype(x.dtype),
-                DOT_PRECISION=_dot_precision(x.dtype), R_BLOCK=_r_block(r), BLOCK_M=bm, BLOCK_K=bk,
-                num_warps=warps, num_stages=stages,
-            )
-        d_lora_a = da.to(lora_a.dtype)
-        d_lora_b = db.to(lora_b.dtype)
-    d_bias = colsum.to(dy.dtype) if need_dbias else None
-    d_lora_bias = (colsum * scaling).to(lora_b.dtype) if need_dlora_bias else None
-    return LoraGrads(dx, d_lora_a, d_lora_b, d_bias, d_lora_bias)
+    if need.dlora:
+        da = torch.zeros((r, k), device=dy.device) if m == 0 else _launch_da(ds, x, dropout)
+    return LoraGrads(
+        dx=dx,
+        d_lora_a=da.to(lora_a.dtype) if da is not None else None,
+        d_lora_b=db.to(lora_b.dtype) if need.dlora else None,
+        d_bias=colsum.to(dy.dtype) if need.dbias else None,
+        d_lora_bias=(colsum * options.scaling).to(lora_b.dtype) if need.dlora_bias else None,
+    )
