@@ -861,9 +861,11 @@ def load_cache(path: Path) -> dict[str, dict]:
 
 
 def priority(job: CompileJob) -> tuple:
-    """Compile order: the issue's target setting first (bf16, sm_90), so a stopped run has checked it."""
+    """Compile order: the issue's setting first (bf16, r 16, nn.Linear; sm_90 then sm_80), then by dtype, so a
+    run stopped by its budget has checked what matters most."""
+    issue_setting = any(s.dtype == "bf16" and s.r == 16 and s.variant == "linear" for s, _ in job.uses)
     first_dtype = min(DTYPES.index(scenario.dtype) for scenario, _ in job.uses)
-    return first_dtype, ("sm_90", "sm_80", "sm_100").index(job.target.name), job.name
+    return not issue_setting, first_dtype, ("sm_90", "sm_80", "sm_100").index(job.target.name), job.name
 
 
 def write_report(out: Path, meta: dict, jobs: list[CompileJob], results: dict[int, dict],
