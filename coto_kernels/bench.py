@@ -16,19 +16,26 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
-import platform
 import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from .benchmarking import (
+    device_name,
+    environment,
+    file_stamp,
+    markdown_table,
+    saved_activation_meter,
+    synchronize,
+    utc_timestamp,
+)
+from .benchmarking import write_report as write_report_files
 
 PRESETS: dict[str, dict[str, int]] = {
     # name: hidden, intermediate, layers, heads, vocab, seq, batch, rounds, steps per round
@@ -115,38 +122,14 @@ class Runner:
             self.active.append(1.0)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@contextmanager
-def _saved_activation_meter(model: torch.nn.Module) -> Iterator[list[int]]:
-    """Count bytes autograd saves for backward (unique storages, parameters excluded): the CPU memory proxy."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-    total = [0]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in params and ptr not in seen:
-            seen[ptr] = storage.nbytes()
-            total[0] += storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield total
-
-
 def measure_memory(runner: Runner, batch: dict[str, torch.Tensor], device: torch.device) -> float:
     """Peak CUDA memory of one step (GPU) or bytes saved for backward (CPU), in MB."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         runner.train_step(batch)
-        _sync(device)
+        synchronize(device)
         return torch.cuda.max_memory_allocated(device) / 2**20
-    with _saved_activation_meter(runner.model) as total:
+    with saved_activation_meter(runner.model) as total:
         loss = runner.model(**batch).loss
     loss.backward()
     runner.model.zero_grad(set_to_none=True)
@@ -221,10 +204,10 @@ def run(
         batches = [make_batch() for _ in range(steps)]
         for runner in runners:
             for batch in batches:
-                _sync(dev)
+                synchronize(dev)
                 start = time.perf_counter()
                 runner.train_step(batch)
-                _sync(dev)
+                synchronize(dev)
                 runner.step_times.append(time.perf_counter() - start)
                 advance(runner.mode)
     memory = {r.mode: measure_memory(r, make_batch(), dev) for r in runners}
@@ -242,12 +225,11 @@ def run(
         )
         for r in runners
     ]
-    cpu_name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name,
+        "date": utc_timestamp(),
+        "device": device_name(dev),
         "memory_metric": "peak CUDA memory per step" if dev.type == "cuda" else "bytes saved for backward",
-        "versions": _versions(),
+        "versions": environment(),
         "preset": preset_name,
         "config": {**preset, "rounds": rounds, "steps": steps, "rank": rank, "lora_dropout": lora_dropout,
                    "dtype": str(torch_dtype), "backend": backend, "targets": TARGET_MODULES},
@@ -256,23 +238,13 @@ def run(
     }
 
 
-def _versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "peft": peft.__version__,
-                "transformers": transformers.__version__}
-    try:
-        import triton
-
-        versions["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return versions
-
-
 def to_markdown(report: dict) -> str:
     cfg = report["config"]
+    header = ["mode", "median step (s)", "mean step (s)", "tokens/s", "throughput vs vanilla", "mean active fraction",
+              f"{report['memory_metric']} (MB)"]
+    rows = [[r["mode"], f"{r['median_step_s']:.3f}", f"{r['mean_step_s']:.3f}", f"{r['tokens_per_s']:.0f}",
+             f"{r['throughput_vs_vanilla']:.2f}x", f"{r['mean_active_fraction']:.2f}", f"{r['memory_mb']:.0f}"]
+            for r in report["results"]]
     lines = [
         f"# coto-bench, preset `{report['preset']}`",
         "",
@@ -282,43 +254,30 @@ def to_markdown(report: dict) -> str:
         f"{cfg['dtype']}; LoRA r={cfg['rank']}, dropout {cfg['lora_dropout']} on all 7 projections; "
         f"{cfg['rounds']} interleaved rounds x {cfg['steps']} steps per mode; AdamW.",
         "",
-        f"| mode | median step (s) | mean step (s) | tokens/s | throughput vs vanilla | mean active fraction | "
-        f"{report['memory_metric']} (MB) |",
-        "|---|---|---|---|---|---|---|",
+        markdown_table(header, rows),
     ]
-    for r in report["results"]:
-        lines.append(
-            f"| {r['mode']} | {r['median_step_s']:.3f} | {r['mean_step_s']:.3f} | {r['tokens_per_s']:.0f} | "
-            f"{r['throughput_vs_vanilla']:.2f}x | {r['mean_active_fraction']:.2f} | {r['memory_mb']:.0f} |"
-        )
     return "\n".join(lines) + "\n"
+
+
+def plot_throughput(report: dict) -> Callable:
+    """The bar chart of throughput vs vanilla per mode (a ``benchmarking.Plot``)."""
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.bar([r["mode"] for r in report["results"]], [r["throughput_vs_vanilla"] for r in report["results"]],
+               color="#4c72b0")
+        ax.axhline(1.0, color="grey", lw=1, ls="--")
+        ax.set_ylabel("throughput vs vanilla PEFT")
+        ax.set_title(f"coto-bench ({report['preset']}, {report['device']})", fontsize=9)
+        return fig
+
+    return draw
 
 
 def write_report(report: dict, out_dir: Path) -> list[Path]:
     """Write JSON, Markdown and (with matplotlib) a PNG; return the paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-{report['preset']}-{report['date'].replace(':', '').replace('+0000', 'Z')}"
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    paths[0].write_text(json.dumps(report, indent=2))
-    paths[1].write_text(to_markdown(report))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return paths
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    modes = [r["mode"] for r in report["results"]]
-    ax.bar(modes, [r["throughput_vs_vanilla"] for r in report["results"]], color="#4c72b0")
-    ax.axhline(1.0, color="grey", lw=1, ls="--")
-    ax.set_ylabel("throughput vs vanilla PEFT")
-    ax.set_title(f"coto-bench ({report['preset']}, {report['device']})", fontsize=9)
-    fig.tight_layout()
-    paths.append(out_dir / f"{stem}.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+    stem = f"bench-{report['preset']}-{file_stamp(report['date'])}"
+    return write_report_files(out_dir, stem, report, to_markdown(report), {f"{stem}.png": plot_throughput(report)})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .functional import autocast_operands, base_weight_grad, new_dropout_seed, resolve_backend
+from .functional import base_weight_grad, new_dropout_seed, resolve_backend, run_on_rows
 from .kernels import load_backend
 from .kernels.interface import GradRequest, LoraOptions
 
@@ -38,17 +38,8 @@ def _empty() -> Tensor:
 
 @torch.library.custom_op(f"{_OPS}::gated_lora_fwd", mutates_args=())
 def gated_lora_fwd(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    lora_bias: Tensor | None,
-    gate: Tensor,
-    scaling: float,
-    dropout_p: float,
-    weight_is_kn: bool,
-    backend: str,
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None,
+    gate: Tensor, scaling: float, dropout_p: float, weight_is_kn: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """2-D ``x``; returns ``(Y, S, seed)`` (``S`` is zeros and ``seed`` 0 when the gate is off)."""
     on = bool(gate.item())  # a CPU scalar: no device synchronisation
@@ -153,13 +144,13 @@ def _backward(ctx, dy, _ds, _dseed):
 gated_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _gated_lora_output(*args) -> Tensor:
+    """``gated_lora_fwd``'s output ``Y`` alone (``S`` and the seed are for the backward)."""
+    return gated_lora_fwd(*args)[0]
+
+
 def gated_lora_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    lora_bias: Tensor | None,
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None,
     *,
     gate: Tensor,
     scaling: float,
@@ -168,12 +159,7 @@ def gated_lora_linear(
     backend: str = "auto",
 ) -> Tensor:
     """``coto_kernels.lora_linear`` with the gate as a 0-d bool tensor: one graph for every gate value."""
-    cast = autocast_operands(x, weight, bias, lora_a, lora_b, lora_bias)
-    if cast is not None:
-        with torch.autocast(x.device.type, enabled=False):
-            return gated_lora_linear(*cast, gate=gate, scaling=scaling, dropout_p=dropout_p,
-                                     weight_is_kn=weight_is_kn, backend=backend)
-    x2d = x.reshape(-1, x.shape[-1])
-    y, _, _ = gated_lora_fwd(x2d, weight, bias, lora_a, lora_b, lora_bias, gate, float(scaling), float(dropout_p),
-                             bool(weight_is_kn), backend)
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return run_on_rows(
+        _gated_lora_output, x, weight, bias, lora_a, lora_b, lora_bias,
+        gate, float(scaling), float(dropout_p), bool(weight_is_kn), backend,
+    )

@@ -99,6 +99,19 @@ class CoToController:
         self._index_layers({**self._layers, **layers})
         self.redraw()
 
+    def set_layers(self, layers: Mapping[str, GatedLayer]) -> None:
+        """Gate exactly ``layers``: every gated layer of the model by its current qualified name.
+
+        For sets that changed by more than additions: PEFT's mixed models wrap a gated LoRA layer in another
+        adapter type's layer, which takes over its name (``lin0`` -> the new layer, ``lin0.base_layer`` -> the old
+        one). Groups are recomputed as at construction, a layer's override stays with the layer, and the current
+        step's gates are applied.
+        """
+        if not layers:
+            raise ValueError("CoTo needs at least one LoRA layer to gate")
+        self._index_layers(dict(layers))
+        self.redraw()
+
     # -- options ---------------------------------------------------------------------------------------------
 
     @property

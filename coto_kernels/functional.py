@@ -7,6 +7,9 @@ copy), S = drop(X) A^T (M x r) and the dropout seed: never a dropped copy of X, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -54,48 +57,59 @@ def autocast_operands(
     return tuple(t.to(dtype) if t is not None else None for t in (x, weight, bias, lora_a, lora_b, lora_bias))
 
 
+def run_on_rows(
+    fused_2d: Callable[..., Tensor],
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None,
+    *scalars: Any,
+) -> Tensor:
+    """``fused_2d(x2d, weight, bias, lora_a, lora_b, lora_bias, *scalars)`` for an ``x`` of any leading dimensions.
+
+    What both autograd paths (``lora_linear`` here, ``coto_kernels.compile.gated_lora_linear``) do around their
+    2-D fused call: under ``torch.autocast`` the operands are cast first (``autocast_operands``) and the call runs
+    with autocast off; the result is viewed back to ``x``'s leading dimensions outside the autograd Function or
+    custom op, so it stays an ordinary autograd view that PEFT may add onto in place.
+    """
+    cast = autocast_operands(x, weight, bias, lora_a, lora_b, lora_bias)
+    if cast is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return run_on_rows(fused_2d, *cast, *scalars)
+    y2d = fused_2d(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, lora_bias, *scalars)
+    return y2d.view(*x.shape[:-1], y2d.shape[-1])
+
+
 class GatedLoRAFunction(torch.autograd.Function):
-    """Fused base GEMM + low-rank update + gate; see the module docstring for what is saved."""
+    """Fused base GEMM + low-rank update + gate on 2-D ``x``; see the module docstring for what is saved.
+
+    Inputs and output are 2-D: the caller reshapes outside the Function. A view returned from inside a custom
+    Function cannot be modified in place (autograd refuses, as it would bypass the custom backward), and
+    PEFT's layers and AdaLoRA add onto a layer's output in place (``result += ...``).
+    """
 
     @staticmethod
     def forward(
         ctx,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        lora_a: Tensor,
-        lora_b: Tensor,
-        lora_bias: Tensor | None,
-        scaling: float,
-        dropout_p: float,
-        seed: int,
-        gate: bool,
-        weight_is_kn: bool,
-        backend: str,
+        x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None,
+        scaling: float, dropout_p: float, seed: int, gate: bool, weight_is_kn: bool, backend: str,
     ) -> Tensor:
-        x2d = x.reshape(-1, x.shape[-1])
         options = LoraOptions(scaling=scaling, dropout_p=dropout_p, seed=seed, gate=gate, weight_is_kn=weight_is_kn)
-        y, s = load_backend(backend).lora_forward(x2d, weight, bias, lora_a, lora_b, lora_bias, options=options)
+        y, s = load_backend(backend).lora_forward(x, weight, bias, lora_a, lora_b, lora_bias, options=options)
         ctx.save_for_backward(x, weight, lora_a, lora_b, s)
         ctx.options = options
         ctx.backend = backend
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, weight, lora_a, lora_b, s = ctx.saved_tensors
+        x2d, weight, lora_a, lora_b, s = ctx.saved_tensors
         options: LoraOptions = ctx.options
         need_x, need_weight, need_bias, need_a, need_b, need_lora_bias = ctx.needs_input_grad[:6]
-        x2d = x.reshape(-1, x.shape[-1])
-        dy2d = dy.reshape(-1, dy.shape[-1])
-        if not dy2d.is_contiguous():
-            dy2d = dy2d.contiguous()
+        dy2d = dy if dy.is_contiguous() else dy.contiguous()
         need = GradRequest(dx=need_x, dlora=need_a or need_b, dbias=need_bias, dlora_bias=need_lora_bias)
         grads = load_backend(ctx.backend).lora_backward(dy2d, x2d, weight, lora_a, lora_b, s, options=options,
                                                         need=need)
         d_weight = base_weight_grad(x2d, dy2d, options.weight_is_kn) if need_weight else None
         return (
-            grads.dx.view(x.shape) if grads.dx is not None else None,
+            grads.dx,
             d_weight,
             grads.d_bias,
             grads.d_lora_a if need_a else None,
@@ -133,15 +147,9 @@ def lora_linear(
         raise ValueError(
             f"shape mismatch: x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}"
         )
-    cast = autocast_operands(x, weight, bias, lora_a, lora_b, lora_bias)
-    if cast is not None:
-        with torch.autocast(x.device.type, enabled=False):
-            return lora_linear(*cast, scaling=scaling, dropout_p=dropout_p, gate=gate, weight_is_kn=weight_is_kn,
-                               seed=seed, backend=backend)
     if seed is None:
         seed = new_dropout_seed() if dropout_p > 0.0 and gate else 0
-    backend = resolve_backend(backend, x.device)
-    return GatedLoRAFunction.apply(
-        x, weight, bias, lora_a, lora_b, lora_bias, float(scaling), float(dropout_p), seed, bool(gate),
-        weight_is_kn, backend,
+    return run_on_rows(
+        GatedLoRAFunction.apply, x, weight, bias, lora_a, lora_b, lora_bias,
+        float(scaling), float(dropout_p), seed, bool(gate), weight_is_kn, resolve_backend(backend, x.device),
     )

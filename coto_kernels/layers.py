@@ -55,7 +55,7 @@ def static_fallback_reason(layer: nn.Module) -> str | None:
     base = layer.get_base_layer()
     if type(base) not in (nn.Linear, Conv1D):
         return f"base layer {type(base).__name__} is not nn.Linear or Conv1D"
-    return _adapter_fallback_reason(layer)
+    return _adapter_fallback_reason(layer) or _hooks_fallback_reason(layer)
 
 
 def _adapter_fallback_reason(layer: LoraLinear) -> str | None:
@@ -79,11 +79,49 @@ def _adapter_fallback_reason(layer: LoraLinear) -> str | None:
     return None
 
 
+def _hooks_of(module: nn.Module) -> str | None:
+    """What would run around ``module``'s forward and be lost if the fused call bypassed it."""
+    if getattr(module, "_hf_hook", None) is not None or "forward" in module.__dict__:
+        return "an accelerate hook (or a replaced forward)"  # e.g. cpu_offload: weights load in the hook
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "forward hooks"
+    if module._backward_hooks or getattr(module, "_backward_pre_hooks", None):
+        return "backward hooks"
+    return None
+
+
+def _hooks_fallback_reason(layer: LoraLinear) -> str | None:
+    """Why hooks force PEFT's forward: the fused call reads the weights and never calls these modules."""
+    adapter = next(a for a in layer.active_adapters if a in layer.lora_A)
+    parts = (("base layer", layer.get_base_layer()), ("lora_A", layer.lora_A[adapter]),
+             ("lora_B", layer.lora_B[adapter]), ("lora_dropout", layer.lora_dropout[adapter]))
+    for part, module in parts:
+        hooks = _hooks_of(module)
+        if hooks is not None:
+            return f"its {part} has {hooks}"
+    if _global_module_hooks():
+        return "global module hooks are registered (torch.nn.modules.module.register_module_forward_hook)"
+    return None
+
+
+def _global_module_hooks() -> bool:
+    module_hooks = torch.nn.modules.module
+    return any(getattr(module_hooks, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"
+    ))
+
+
 class CoToLayerMixin:
     """Gating shared by every patched LoRA layer; ``controller`` sets ``coto_gate`` / ``coto_override``."""
 
     coto_override: bool | None = None
     coto_name: str = ""
+
+    def __reduce_ex__(self, protocol: int):
+        # Pickle (torch.save, deepcopy) by the PEFT class, which is importable by name; the gated classes are
+        # made at run time (``gated_class``) and found again from it on load.
+        _, _, *state = super().__reduce_ex__(max(protocol, 2))
+        return (_new_gated, (ungated_class(type(self)),), *state)
 
     @property
     def coto_gate(self) -> bool:
@@ -174,12 +212,23 @@ class CoToLinear(CoToLayerMixin, LoraLinear):
         return gated_lora_linear(x, *operands, gate=self.coto_gate_tensor, **options)
 
 
+# The gated classes carry PEFT's class name (``__name__``), so ``repr`` prints ``lora.Linear(``, PEFT's messages name
+# PEFT's class, and PEFT's own checks by class name (``ParamWrapper`` for ``target_parameters``) still hold.
+# ``__qualname__`` keeps the ``CoTo`` prefix, so ``type(layer)`` still shows that the layer is patched.
+CoToLinear.__name__ = LoraLinear.__name__
+
+
 @functools.cache
 def gated_class(cls: type) -> type:
     """The gated subclass ``patch`` swaps in for the PEFT LoRA layer class ``cls``."""
     if cls is LoraLinear:
         return CoToLinear
-    return type(f"CoTo{cls.__name__}", (CoToLayerMixin, cls), {"__module__": __name__})
+    return type(cls.__name__, (CoToLayerMixin, cls), {"__module__": __name__, "__qualname__": f"CoTo{cls.__name__}"})
+
+
+def _new_gated(peft_class: type) -> nn.Module:
+    """Unpickling: an empty instance of the gated class of ``peft_class`` (``__setstate__`` fills it)."""
+    return object.__new__(gated_class(peft_class))
 
 
 def ungated_class(cls: type) -> type:

@@ -4,31 +4,121 @@ The pass swaps each LoRA layer's class for a gated subclass of it (``coto_kernel
 input-gradient hooks of gradient checkpointing (``coto_kernels.checkpointing``) and hands the layers to a
 ``CoToController``. Parameters, buffers, ``state_dict`` keys and PEFT's own attributes are untouched, so
 ``save_pretrained`` writes exactly what vanilla PEFT writes, and ``unpatch`` restores the original classes.
+
+PEFT's own methods that change the set of LoRA layers stay correct on a patched model: the PEFT tuner's
+``inject_adapter`` (``add_adapter``, ``load_adapter``) gates the LoRA layers it creates, and
+``merge_and_unload()`` / ``unload()`` unpatch first, so the base model they return carries nothing of CoTo.
+Everything the patch adds is found again by walking the model (no closures, no undo list), so a patched model
+pickles and a ``copy.deepcopy`` of it is an independent patched model.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from . import distributed
-from .checkpointing import take_over_input_grads
+from .checkpointing import release_input_grads, take_over_input_grads
 from .config import CoToConfig
 from .controller import CoToController
 from .functional import BACKENDS, triton_available
 from .gates import random_seed
 from .layers import CoToLayerMixin, gated_class, static_fallback_reason, strip_patch_attributes
 
-# Where ``patch`` keeps the controller (and the undo actions) in the patched model's ``__dict__``.
+# Where ``patch`` keeps the controller in the patched model's ``__dict__``.
 CONTROLLER_KEY = "coto_controller"
-UNDO_KEY = "_coto_undo"
+# The PEFT tuner methods ``patch`` wraps (instance attributes of the tuner, removed by ``unpatch``).
+_UNPATCHING_TUNER_METHODS = ("merge_and_unload", "unload")
+_GATING_TUNER_METHODS = ("inject_adapter",)
 
 
 def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and hasattr(m, "lora_A")}
+
+
+def _check_triton_device(layers: Mapping[str, nn.Module]) -> None:
+    """``backend="triton"`` runs on CUDA tensors only (or under the Triton CPU interpreter)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    for name, layer in layers.items():
+        weight = getattr(layer.get_base_layer(), "weight", None)
+        if weight is not None and weight.device.type != "cuda":
+            raise ValueError(
+                f"backend='triton': Triton needs CUDA tensors, but the LoRA layer {name} is on {weight.device}. Move "
+                "the model to a GPU before patch, or use backend='auto' (PyTorch off the GPU) or 'torch' (with "
+                "TRITON_INTERPRET=1 set before triton is imported, Triton's CPU interpreter runs the kernels: for "
+                "tests only)"
+            )
+
+
+def _gate_layers(model: nn.Module, layers: Mapping[str, nn.Module], backend: str) -> None:
+    """Swap in the gated classes and warn once, naming the layers that run PEFT's unfused forward."""
+    unfused = {name: reason for name, m in layers.items() if (reason := static_fallback_reason(m)) is not None}
+    for name, layer in layers.items():
+        layer.__class__ = gated_class(type(layer))
+        layer.coto_name = name
+        layer.coto_backend = backend
+        if name in unfused:  # already named in the warning below
+            layer.__dict__["_coto_warned"] = {unfused[name]}
+    if unfused:
+        listing = "; ".join(f"{name} ({reason})" for name, reason in unfused.items())
+        warnings.warn(f"CoTo gates these LoRA layers through PEFT's unfused forward: {listing}", stacklevel=3)
+
+
+def _ungated_lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in _lora_layers(model).items() if not isinstance(m, CoToLayerMixin)}
+
+
+def _inject_and_gate(model: nn.Module, tuner: BaseTuner, backend: str, *args: Any, **kwargs: Any) -> Any:
+    """The tuner's ``inject_adapter`` on a patched ``model``: the LoRA layers it creates are gated too."""
+    result = type(tuner).inject_adapter(tuner, *args, **kwargs)
+    new = _ungated_lora_layers(model)
+    if new:
+        controller: CoToController = model.__dict__[CONTROLLER_KEY]
+        if backend == "triton":
+            _check_triton_device(new)
+        _gate_layers(model, new, backend)
+        controller.set_layers(_lora_layers(model))  # a wrapped gated layer may have moved (mixed models)
+        release_input_grads(model)  # the new layers may sit in blocks of other kinds: take over afresh
+        take_over_input_grads(model, _lora_layers(model))
+    return result
+
+
+def _unpatch_and_call(model: nn.Module, tuner: BaseTuner, method: str, *args: Any, **kwargs: Any) -> Any:
+    """The tuner's ``merge_and_unload`` / ``unload`` on a patched ``model``: unpatch first, so the returned base
+    model keeps no CoTo hook and a working ``enable_input_require_grads``."""
+    unpatch(model)
+    return getattr(tuner, method)(*args, **kwargs)
+
+
+def _tuners(model: nn.Module) -> list[BaseTuner]:
+    return [m for m in model.modules() if isinstance(m, BaseTuner)]
+
+
+def _wrap_tuner_methods(model: nn.Module, backend: str) -> None:
+    for tuner in _tuners(model):
+        for method in _UNPATCHING_TUNER_METHODS:
+            tuner.__dict__[method] = functools.partial(_unpatch_and_call, model, tuner, method)
+        for method in _GATING_TUNER_METHODS:
+            tuner.__dict__[method] = functools.partial(_inject_and_gate, model, tuner, backend)
+
+
+def _unwrap_tuner_methods(model: nn.Module) -> None:
+    for tuner in _tuners(model):
+        for method in _UNPATCHING_TUNER_METHODS + _GATING_TUNER_METHODS:
+            tuner.__dict__.pop(method, None)
+
+
+def _remove_training_guard(model: nn.Module) -> None:
+    for key in [k for k, hook in model._forward_pre_hooks.items() if isinstance(hook, distributed.TrainingGuard)]:
+        del model._forward_pre_hooks[key]
 
 
 # -- public API --------------------------------------------------------------------------------------------------
@@ -65,7 +155,8 @@ def patch(
     if backend == "triton" and not triton_available():
         raise RuntimeError("backend='triton' needs the triton package; install it or use backend='torch'")
     if CONTROLLER_KEY in model.__dict__ or any(isinstance(m, CoToLayerMixin) for m in model.modules()):
-        raise RuntimeError("this model is already patched by coto_kernels; call coto_kernels.unpatch(model) first")
+        raise RuntimeError(f"this {type(model).__name__} is already patched by coto_kernels (or holds patched "
+                           "layers); call coto_kernels.unpatch(model) first")
     layers = _lora_layers(model)
     if not layers:
         raise ValueError(
@@ -74,33 +165,27 @@ def patch(
         )
     if config.seed is None:  # every rank must draw the same gates: rank 0's seed under torch.distributed
         config = CoToConfig.build(config, seed=distributed.broadcast_seed(random_seed()))
+    if backend == "triton":
+        _check_triton_device(layers)
     controller = CoToController(layers, config)
-    unfused = {name: reason for name, m in layers.items() if (reason := static_fallback_reason(m)) is not None}
-    for name, layer in layers.items():
-        layer.__class__ = gated_class(type(layer))
-        layer.coto_name = name
-        layer.coto_backend = backend
-        if name in unfused:  # already named in the patch-time warning below
-            layer.__dict__["_coto_warned"] = {unfused[name]}
+    _gate_layers(model, layers, backend)
     controller.redraw()  # hand the initial gates to the now-gated layers
-    if unfused:
-        listing = "; ".join(f"{name} ({reason})" for name, reason in unfused.items())
-        warnings.warn(
-            f"CoTo gates these LoRA layers through PEFT's unfused forward: {listing}", stacklevel=2
-        )
     model.__dict__[CONTROLLER_KEY] = controller
-    undo = take_over_input_grads(model, layers)
-    undo.append(model.register_forward_pre_hook(distributed.training_guard(controller, check_gates)).remove)
-    model.__dict__[UNDO_KEY] = undo
+    take_over_input_grads(model, layers)
+    model.register_forward_pre_hook(distributed.training_guard(controller, check_gates))
+    _wrap_tuner_methods(model, backend)
     return controller
 
 
 def unpatch(model: nn.Module) -> None:
     """Undo ``patch``: original PEFT classes, hooks and ``enable_input_require_grads`` restored."""
     if CONTROLLER_KEY not in model.__dict__:
-        raise RuntimeError("this model is not patched by coto_kernels (call unpatch on the model given to patch)")
-    for undo in model.__dict__.pop(UNDO_KEY):
-        undo()
+        raise RuntimeError(
+            f"this {type(model).__name__} is not patched by coto_kernels (call unpatch on the model given to patch)"
+        )
+    _unwrap_tuner_methods(model)
+    _remove_training_guard(model)
+    release_input_grads(model)
     del model.__dict__[CONTROLLER_KEY]
     for module in model.modules():
         if isinstance(module, CoToLayerMixin):

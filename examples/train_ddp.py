@@ -1,8 +1,14 @@
 """CoTo with the Transformers Trainer on several processes (DDP), e.g. 2 CPU processes with gloo:
 
-    torchrun --nproc-per-node 2 examples/train_ddp.py --cpu                 # CPU, gloo, tiny model
+    python examples/train_ddp.py --cpu                                      # one process, tiny model
+    torchrun --nproc-per-node 2 examples/train_ddp.py --cpu                 # 2 CPU processes, gloo
+    accelerate launch --multi_gpu --num_processes 2 examples/train_ddp.py --cpu   # the same through accelerate
     torchrun --nproc-per-node 8 examples/train_ddp.py --model meta-llama/Llama-3.2-1B --bf16
-    accelerate launch --multi_gpu --num_processes 8 examples/train_ddp.py --model ... --bf16
+    accelerate launch --multi_gpu --num_processes 8 examples/train_ddp.py --model meta-llama/Llama-3.2-1B --bf16
+
+``accelerate launch --cpu`` starts ONE process whatever ``--num_processes`` says (accelerate runs several CPU
+processes only through mpirun); ``--multi_gpu`` launches through torchrun, which works for CPU processes too
+when the script asks for the CPU (``--cpu`` here: ``TrainingArguments(use_cpu=True)``, gloo).
 
 Without ``--model`` a tiny Llama is built from a config (random weights, nothing downloaded) and trained on
 random tokens. The recipe is the same for any PEFT LoRA model:
@@ -66,16 +72,19 @@ def main() -> None:
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
     # patch BEFORE the Trainer wraps the model; seed=None would take rank 0's seed once the process group exists
     controller = coto_kernels.patch(model, seed=0)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     training_args = TrainingArguments(
         output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch,
         learning_rate=1e-3, weight_decay=0.01, logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=args.cpu, ddp_backend="gloo" if args.cpu else None, bf16=args.bf16, dataloader_num_workers=0,
+        use_cpu=args.cpu,
+        # gloo for CPU processes; only under a launcher (one process has no process group to give a backend to)
+        ddp_backend="gloo" if args.cpu and world_size > 1 else None, bf16=args.bf16, dataloader_num_workers=0,
         **({"gradient_checkpointing": True} if args.gradient_checkpointing else {}),
         # ddp_find_unused_parameters=True is the Trainer's default for a PeftModel; set it explicitly if you
         # pass a transformers model with adapters added through model.add_adapter and gradient checkpointing.
         ddp_find_unused_parameters=True,
     )
-    data = RandomTokens(n=args.steps * args.batch * int(os.environ.get("WORLD_SIZE", "1")), seq=args.seq, vocab=vocab)
+    data = RandomTokens(n=args.steps * args.batch * world_size, seq=args.seq, vocab=vocab)
     trainer = Trainer(model=model, args=training_args, train_dataset=data,
                       callbacks=[controller.callback(check_gates_every=1)])
     with warnings.catch_warnings():
@@ -89,7 +98,7 @@ def main() -> None:
         dist.all_gather(gathered, lora)
         assert all(torch.equal(g, gathered[0]) for g in gathered), "ranks ended with different adapter weights"
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"CoTo after {trainer.state.global_step} steps: {controller}")
+        print(f"CoTo after {trainer.state.global_step} steps on {world_size} processes: {controller}")
         print(f"adapter checksum {float(lora.double().sum()):.10f}")
 
 

@@ -33,10 +33,14 @@ _TARGETS = {
 }
 
 
-def tiny_model(arch: str, num_layers: int = 3, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised model of ``arch`` small enough for a CPU test."""
+def tiny_model(arch: str, num_layers: int = 3, seed: int = 0, init_std: float = 0.02) -> torch.nn.Module:
+    """A randomly initialised model of ``arch`` small enough for a CPU test.
+
+    ``init_std`` is the config's ``initializer_range``: the default 0.02 gives near-zero logits (loss ~ ln V
+    whatever the adapters do); a training test raises it so that the loss depends on the weights.
+    """
     torch.manual_seed(seed)
-    common = dict(vocab_size=97, num_hidden_layers=num_layers, num_attention_heads=2)
+    common = dict(vocab_size=97, num_hidden_layers=num_layers, num_attention_heads=2, initializer_range=init_std)
     decoder = dict(hidden_size=32, intermediate_size=48, num_key_value_heads=1, max_position_embeddings=64)
     if arch == "llama":
         return AutoModelForCausalLM.from_config(LlamaConfig(**common, **decoder))
@@ -46,7 +50,7 @@ def tiny_model(arch: str, num_layers: int = 3, seed: int = 0) -> torch.nn.Module
         return AutoModelForCausalLM.from_config(MistralConfig(**common, **decoder, sliding_window=None))
     if arch == "gpt2":
         config = GPT2Config(vocab_size=97, bos_token_id=0, eos_token_id=0, n_layer=num_layers, n_head=2, n_embd=32,
-                            n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                            n_positions=64, initializer_range=init_std, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         return AutoModelForCausalLM.from_config(config)
     encoder = dict(hidden_size=32, intermediate_size=48, max_position_embeddings=64, num_labels=3,
                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
@@ -60,9 +64,9 @@ def tiny_model(arch: str, num_layers: int = 3, seed: int = 0) -> torch.nn.Module
 
 
 def tiny_peft_model(arch: str = "llama", *, num_layers: int = 3, r: int = 4, dropout: float = 0.0, seed: int = 0,
-                    **lora_kwargs) -> torch.nn.Module:
+                    init_std: float = 0.02, **lora_kwargs) -> torch.nn.Module:
     """``tiny_model`` wrapped in PEFT LoRA with nonzero B, so every gradient path is exercised."""
-    model = tiny_model(arch, num_layers, seed)
+    model = tiny_model(arch, num_layers, seed, init_std)
     task = "SEQ_CLS" if arch in ("bert", "roberta") else "CAUSAL_LM"
     config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=_TARGETS[arch],
                         task_type=task, **lora_kwargs)

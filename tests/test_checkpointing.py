@@ -10,7 +10,7 @@ import torch
 from helpers import batch_for, tiny_peft_model
 
 import coto_kernels
-from coto_kernels import bench_scale
+from bench import bench_checkpointing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,13 +107,13 @@ def test_forced_input_grads_would_recompute_every_block():
 
 
 def test_benchmark_runs_and_shows_the_truncation():
-    rows = bench_scale.checkpointing_benchmark("tiny")
+    rows = bench_checkpointing.checkpointing_benchmark("tiny")
     by_key = {(r.checkpointing, r.gates, r.input_grads): r for r in rows}
     assert len(rows) == 16
-    for mode in bench_scale.CHECKPOINTING:
+    for mode in bench_checkpointing.CHECKPOINTING:
         assert by_key[(mode, "all on", "coto")].blocks_in_backward == 4
         assert by_key[(mode, "top half", "coto")].blocks_in_backward == 2
         assert by_key[(mode, "top block", "coto")].blocks_in_backward == 1
         assert by_key[(mode, "bottom block", "coto")].blocks_in_backward == 4
     assert by_key[("reentrant", "top block", "forced")].blocks_in_backward == 4
-    assert "| reentrant | top block | forced |" in bench_scale.to_markdown(rows, "cpu")
+    assert "| reentrant | top block | forced |" in bench_checkpointing.to_markdown(rows, "cpu")

@@ -128,7 +128,7 @@ def test_gate_off_launches_no_lora_kernel(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a LoRA kernel was launched with the gate off")
 
-    for name in ("_launch_s", "_launch_gemm", "_launch_ds_db", "_launch_da"):
+    for name in ("_launch_x_pass", "_launch_gemm", "_launch_ds_db"):
         monkeypatch.setattr(lora_triton, name, boom)
     t = _make(20, 24, 16, 4, F32, F32, True, True, False)
     y, s, grads = _run(t, False, 2.0, False, 0.1, 7)
@@ -195,7 +195,7 @@ class _LaunchRecorder:
         return launch
 
 
-KERNELS = ("_lora_s_kernel", "_lora_ds_db_kernel", "_lora_da_kernel", "_fused_gemm", "_fused_gemm_kernel")
+KERNELS = ("_lora_x_pass_kernel", "_lora_ds_db_kernel", "_fused_gemm", "_fused_gemm_kernel")
 
 
 def _record_launches(monkeypatch, run=True):
@@ -223,7 +223,9 @@ def test_deterministic_mode_has_no_cross_program_atomics(monkeypatch, determinis
     first = _run(t, False, scaling, True, p, seed)
     second = _run(t, False, scaling, True, p, seed)
     skinny = [(name, grid, kw) for name, grid, kw in launches if name.startswith("_lora")]
-    assert {name for name, _, _ in skinny} == {"_lora_s_kernel", "_lora_ds_db_kernel", "_lora_da_kernel"}
+    passes = [(name, kw.get("FOR_DA")) for name, _, kw in skinny]
+    assert sorted(passes, key=str) == sorted([("_lora_x_pass_kernel", False), ("_lora_ds_db_kernel", None),
+                                              ("_lora_x_pass_kernel", True)] * 2, key=str)
     assert all(grid[1] > 1 for _, grid, _ in skinny), "the test must exercise split reductions"
     for name, _, kw in skinny:
         assert not kw["SPLIT_ATOMIC"] and kw["stride_split"] > 0, name
@@ -241,8 +243,9 @@ def test_split_reductions_use_relaxed_atomics_otherwise(monkeypatch):
     launches = _record_launches(monkeypatch, run=False)
     t = _make(130, 150, 140, 5, F32, F32, True, False, False)
     _run(t, False, 1.0, True, 0.0, 0)
-    flags = {name: (grid[1], kw["SPLIT_ATOMIC"], kw["stride_split"]) for name, grid, kw in launches
-             if name.startswith("_lora")}
+    flags = {(name, kw.get("FOR_DA")): (grid[1], kw["SPLIT_ATOMIC"], kw["stride_split"])
+             for name, grid, kw in launches if name.startswith("_lora")}
+    assert len(flags) == 3  # S, dS/dB, dA
     assert all(splits > 1 and atomic and stride == 0 for splits, atomic, stride in flags.values()), flags
 
 
@@ -259,7 +262,7 @@ def test_int64_offsets_chosen_for_lm_head_outputs(monkeypatch):
     launches = _record_launches(monkeypatch, run=False)
     lora_triton.lora_forward(x, w, None, a, b, None, options=LoraOptions(scaling=1.0), cublas_below_m=0)
     int64 = {name: kw["INT64_OFFSETS"] for name, _, kw in launches}
-    assert int64 == {"_lora_s_kernel": False, "_fused_gemm": True}, int64
+    assert int64 == {"_lora_x_pass_kernel": False, "_fused_gemm": True}, int64
 
 
 def test_int64_offset_kernels_match_reference(monkeypatch):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from coto_kernels.experiments import paper
+from bench import paper_experiment as paper
 
 
 @pytest.fixture(autouse=True)
@@ -44,3 +48,24 @@ def test_paper_smoke_end_to_end(tmp_path):
 def test_missing_extra_names_the_pip_command():
     with pytest.raises(paper.MissingExtra, match="pip install --no-deps no-such-package==1.0"):
         paper.locate_package_file("no-such-package", "data/file.csv", "no-such-package==1.0")
+
+
+def test_importing_the_library_or_the_experiment_changes_no_environment_variable():
+    """The experiment goes offline in its ``main``; importing it, or any module of the library, sets nothing."""
+    root = Path(__file__).resolve().parent.parent
+    script = (
+        "import importlib, os, pkgutil\n"
+        "before = dict(os.environ)\n"
+        "import coto_kernels\n"
+        "for info in pkgutil.walk_packages(coto_kernels.__path__, 'coto_kernels.'):\n"
+        "    importlib.import_module(info.name)\n"
+        "import bench.bench_checkpointing, bench.paper_experiment\n"
+        "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}\n"
+        "print(sorted(changed))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -340,3 +340,60 @@ def test_shapley_grid_and_heatmap(tmp_path):
     pytest.importorskip("matplotlib")
     path = plot_shapley_heatmap({"LoRA": result, "CoTo": result}, tmp_path / "h.png")
     assert path is not None and path.stat().st_size > 1000
+
+
+# -- errors name the thing at fault -------------------------------------------------------------------------------
+
+
+def test_missing_local_folder_is_not_taken_for_a_hub_repo(tmp_path, monkeypatch):
+    from coto_kernels.tools import as_adapter, load_peft_model
+
+    monkeypatch.chdir(tmp_path)
+    for call in (lambda: LoraAdapter.from_pretrained("runs/seed0"), lambda: as_adapter("runs/seed0"),
+                 lambda: load_peft_model(tiny_model("llama"), "runs/seed0")):
+        with pytest.raises(FileNotFoundError, match=r"no adapter folder at 'runs/seed0'.*snapshot_download"):
+            call()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty/adapter_config\.json does not exist"):
+        LoraAdapter.from_pretrained("empty")
+
+
+def test_unreadable_or_misshaped_weights_name_the_file_and_module(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    adapter = LoraAdapter.from_model(tiny_peft_model("llama"))
+    folder = adapter.save_pretrained(tmp_path / "adapter")
+    weights = folder / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    key = next(k for k in state if k.endswith("q_proj.lora_B.weight"))
+    state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 1)
+    save_file(state, str(weights))
+    module = key.removesuffix(".lora_B.weight")
+    with pytest.raises(ValueError, match=rf"{module}: lora_A \(4, 32\) and lora_B \(32, 5\) are no LoRA pair"):
+        LoraAdapter.from_pretrained(folder)
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated, e.g. an interrupted copy
+    with pytest.raises(ValueError, match=rf"cannot read the adapter weights {weights}"):
+        LoraAdapter.from_pretrained(folder)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="neither adapter_model.safetensors nor adapter_model.bin"):
+        LoraAdapter.from_pretrained(folder)
+
+
+def test_non_finite_or_non_numeric_arguments_raise():
+    a, b = _two_seeds()
+    for weights in ([float("nan"), 0.5], [0.5, float("inf")]):
+        with pytest.raises(ValueError, match="merge weight [01] must be finite"):
+            merge_adapters([a, b], weights)
+    with pytest.raises(TypeError, match="merge weight 0 must be a real number"):
+        merge_adapters([a, b], [True, 0.5])
+    with pytest.raises(ValueError, match="lam must be finite"):
+        interpolation_curve(a, b, lambda adapter: 0.0, lambdas=[float("nan")])
+    with pytest.raises(ValueError, match="sparsity must be finite"):
+        magnitude_prune(a, float("nan"))
+    game = lambda coalition: float(len(coalition))  # noqa: E731
+    for name, kwargs in (("n_samples", {"n_samples": True}), ("n_samples", {"n_samples": 8.0}),
+                         ("seed", {"seed": 1.5}), ("seed", {"seed": "1"})):
+        with pytest.raises(TypeError, match=f"{name} must be an integer"):
+            shapley_values(game, ["a", "b"], **kwargs)
+    with pytest.raises(ValueError, match="n_samples must be >= 2"):
+        shapley_values(game, ["a", "b"], n_samples=1)

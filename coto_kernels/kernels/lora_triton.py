@@ -2,17 +2,17 @@
 
 Kernels, one launcher each::
 
-    _lora_s_kernel       S = drop(X) A^T             one skinny pass over X, fp32 [M, r]
+    _lora_x_pass_kernel  S = drop(X) A^T             one skinny pass over X, fp32 [M, r]
     _fused_gemm_kernel   Y = X W^T + bias + g*s*(S B^T + lora_bias)  and  dX = dY W + g*drop'(dS A):
                          the low-rank term seeds the fp32 accumulator, the biases go into the epilogue, the
                          output is written once (no M x N intermediate)
     _lora_ds_db_kernel   dS = s dY B, dB = s dY^T S, colsum(dY)      one read of dY for all three
-    _lora_da_kernel      dA = dS^T drop(X)           one skinny pass over X
+    _lora_x_pass_kernel  dA = dS^T drop(X)           the same kernel with FOR_DA: one skinny pass over X
 
 The dropout mask is ``coto_kernels.kernels.dropout_mask``'s hash of (seed, m*K + k), regenerated in the S pass,
 the dX accumulator seed and the dA pass (never stored). The host derives the seed keys and the threshold once
 per call; in-kernel, i*golden is split into a per-row and a per-column part so each element costs one add
-before the mixing. Compiled for sm_90 (bf16, r 16, 64x128 tiles, 4 warps) the S loop runs 16.1 SASS instructions
+before the mixing. Compiled for sm_90 (bf16, r 16, 64x128 tiles, 4 warps) the S loop runs 17.0 SASS instructions
 per element of X with dropout and 2.3 without, the dA loop 15.5 and 3.2 (Philox ``tl.rand`` was ~59); a variant
 hashing once per pair of elements (16-bit thresholds) measured 14.3, too little to justify another definition.
 
@@ -320,37 +320,52 @@ _fused_gemm = triton.autotune(
 # Skinny kernels
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
-def _lora_s_kernel(
-    x_ptr, a_ptr, s_ptr,
+def _lora_x_pass_kernel(
+    x_ptr, side_ptr, out_ptr,
     M, K, R, blocks_per_split,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_split, stride_sm, stride_sr,
+    stride_xm, stride_xk, stride_side0, stride_side1, stride_split, stride_out0, stride_out1,
     drop_scale, mask_key0, mask_key1, mask_threshold, mask_row_step,
-    LORA_DROPOUT: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, INT64_OFFSETS: tl.constexpr, CDT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    FOR_DA: tl.constexpr, LORA_DROPOUT: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, INT64_OFFSETS: tl.constexpr,
+    CDT: tl.constexpr, DOT_PRECISION: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """S[M, R] = (1/(1-p)) * (keep * X)[M, K] @ A^T[K, R], accumulated in fp32.
+    """The two skinny passes over X, accumulated in fp32 (FOR_DA picks the axis of X a program owns)::
 
-    Grid (cdiv(M, BLOCK_M), splits): program (i, j) reduces row-block i over K-blocks
-    [j * blocks_per_split, (j + 1) * blocks_per_split) into split j's output (``stride_split`` apart; 0 with
-    SPLIT_ATOMIC, where the splits add into one zeroed S).
+        S   [M, R] = (1/(1-p)) (keep * X) A^T     program i owns row-block i and reduces over K-blocks;
+                                                  side = A read as A^T [K, R]
+        dA^T[K, R] = (1/(1-p)) (keep * X)^T dS    program i owns K-block i and reduces over row-blocks;
+                                                  side = dS [M, R]; dA^T so the MMA's long side is BLOCK_K
+
+    ``side`` is read as [reduced axis, R] (strides side0, side1), the output tile is [owned axis, R] (strides
+    out0, out1). Grid (owned blocks, splits): split j reduces blocks [j * blocks_per_split, ...) into its
+    output, ``stride_split`` apart (0 with SPLIT_ATOMIC, where the splits add into one zeroed output).
     """
+    OWNED: tl.constexpr = BLOCK_K if FOR_DA else BLOCK_M
+    REDUCED: tl.constexpr = BLOCK_M if FOR_DA else BLOCK_K
+    owned_len = K if FOR_DA else M
+    reduced_len = M if FOR_DA else K
     pid_s = tl.program_id(1)
-    offs_m = _offsets(tl.program_id(0), BLOCK_M, INT64_OFFSETS)
+    offs_own = _offsets(tl.program_id(0), OWNED, INT64_OFFSETS)
     offs_r = tl.arange(0, R_BLOCK)
-    acc = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
-    kb_start = pid_s * blocks_per_split
-    kb_end = min(kb_start + blocks_per_split, tl.cdiv(K, BLOCK_K))
-    for kb in range(kb_start, kb_end):
-        offs_k = _offsets(kb, BLOCK_K, INT64_OFFSETS)
-        x = _load_kept_x(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk,
-                         mask_key0, mask_key1, mask_threshold, mask_row_step, LORA_DROPOUT, CDT)
-        at = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-                     mask=(offs_k[:, None] < K) & (offs_r[None, :] < R), other=0.0).to(CDT)
-        acc = tl.dot(x, at, acc, input_precision=DOT_PRECISION)
+    acc = tl.zeros((OWNED, R_BLOCK), dtype=tl.float32)
+    start = pid_s * blocks_per_split
+    end = min(start + blocks_per_split, tl.cdiv(reduced_len, REDUCED))
+    for block in range(start, end):
+        offs_red = _offsets(block, REDUCED, INT64_OFFSETS)
+        side = tl.load(side_ptr + offs_red[:, None] * stride_side0 + offs_r[None, :] * stride_side1,
+                       mask=(offs_red[:, None] < reduced_len) & (offs_r[None, :] < R), other=0.0).to(CDT)
+        if FOR_DA:
+            x = _load_kept_x(x_ptr, offs_red, offs_own, M, K, stride_xm, stride_xk,
+                             mask_key0, mask_key1, mask_threshold, mask_row_step, LORA_DROPOUT, CDT)
+            acc = tl.dot(tl.trans(x), side, acc, input_precision=DOT_PRECISION)
+        else:
+            x = _load_kept_x(x_ptr, offs_own, offs_red, M, K, stride_xm, stride_xk,
+                             mask_key0, mask_key1, mask_threshold, mask_row_step, LORA_DROPOUT, CDT)
+            acc = tl.dot(x, side, acc, input_precision=DOT_PRECISION)
     if LORA_DROPOUT:
         acc = acc * drop_scale
-    s_ptrs = s_ptr + pid_s * stride_split + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
-    _store_or_add(s_ptrs, acc, (offs_m[:, None] < M) & (offs_r[None, :] < R), SPLIT_ATOMIC)
+    out_ptrs = out_ptr + pid_s * stride_split + offs_own[:, None] * stride_out0 + offs_r[None, :] * stride_out1
+    _store_or_add(out_ptrs, acc, (offs_own[:, None] < owned_len) & (offs_r[None, :] < R), SPLIT_ATOMIC)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
@@ -358,7 +373,7 @@ def _lora_ds_db_kernel(
     dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, colsum_ptr,
     M, N, R, blocks_per_split,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
-    stride_split, stride_dsm, stride_dsr, stride_dbn, stride_dbr,
+    stride_split, stride_ds0, stride_ds1, stride_dbn, stride_dbr,
     scaling,
     COMPUTE_DS: tl.constexpr, COMPUTE_DB: tl.constexpr, COMPUTE_COLSUM: tl.constexpr,
     SPLIT_ATOMIC: tl.constexpr, INT64_OFFSETS: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -404,41 +419,8 @@ def _lora_ds_db_kernel(
         if COMPUTE_COLSUM:
             _store_or_add(colsum_ptr + offs_n, tl.sum(dy.to(tl.float32), axis=0), n_mask, True)
     if COMPUTE_DS:
-        ds_ptrs = ds_ptr + pid_s * stride_split + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr
+        ds_ptrs = ds_ptr + pid_s * stride_split + offs_m[:, None] * stride_ds0 + offs_r[None, :] * stride_ds1
         _store_or_add(ds_ptrs, ds * scaling, m_mask[:, None] & r_mask[None, :], SPLIT_ATOMIC)
-
-
-@triton.jit(do_not_specialize=_RUNTIME_ARGS)
-def _lora_da_kernel(
-    ds_ptr, x_ptr, da_ptr,
-    M, K, R, blocks_per_split,
-    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_split, stride_dar, stride_dak,
-    drop_scale, mask_key0, mask_key1, mask_threshold, mask_row_step,
-    LORA_DROPOUT: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, INT64_OFFSETS: tl.constexpr, CDT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """dA^T[K, R] = (1/(1-p)) * (keep * X)^T[K, M] @ dS[M, R], stored transposed into dA [R, K] (fp32).
-
-    Computed as dA^T so the MMA's long side is BLOCK_K rather than the rank. Grid (cdiv(K, BLOCK_K), splits):
-    program (i, j) owns K-block i and reduces over row-blocks [j * blocks_per_split, ...) into split j's output.
-    """
-    pid_s = tl.program_id(1)
-    offs_k = _offsets(tl.program_id(0), BLOCK_K, INT64_OFFSETS)
-    offs_r = tl.arange(0, R_BLOCK)
-    acc = tl.zeros((BLOCK_K, R_BLOCK), dtype=tl.float32)
-    mb_start = pid_s * blocks_per_split
-    mb_end = min(mb_start + blocks_per_split, tl.cdiv(M, BLOCK_M))
-    for mb in range(mb_start, mb_end):
-        offs_m = _offsets(mb, BLOCK_M, INT64_OFFSETS)
-        x = _load_kept_x(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk,
-                         mask_key0, mask_key1, mask_threshold, mask_row_step, LORA_DROPOUT, CDT)
-        ds = tl.load(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
-                     mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0).to(CDT)
-        acc = tl.dot(tl.trans(x), ds, acc, input_precision=DOT_PRECISION)
-    if LORA_DROPOUT:
-        acc = acc * drop_scale
-    da_ptrs = da_ptr + pid_s * stride_split + offs_k[:, None] * stride_dak + offs_r[None, :] * stride_dar
-    _store_or_add(da_ptrs, acc, (offs_k[:, None] < K) & (offs_r[None, :] < R), SPLIT_ATOMIC)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -668,23 +650,51 @@ class _SplitOutput:
 # --------------------------------------------------------------------------------------------------------------
 # Host side: one launcher per kernel
 # --------------------------------------------------------------------------------------------------------------
-def _launch_s(x: Tensor, lora_a: Tensor, dropout: _Dropout) -> Tensor:
-    """S = drop(X) A^T (fp32 [M, r])."""
+@dataclass(frozen=True)
+class _SkinnyPlan:
+    """How a skinny kernel is launched: its tile, its grid (parallel blocks, splits) and its split output."""
+
+    cfg: SkinnyConfig
+    grid: tuple[int, int]
+    blocks_per_split: int
+    out: _SplitOutput | None
+
+    @staticmethod
+    def of(kernel: str, r: int, streamed: Tensor, side: Tensor, out_shape: tuple[int, int] | None) -> _SkinnyPlan:
+        """Programs own row-blocks of ``streamed`` and reduce over its column-blocks (dA: the other way round)."""
+        cfg = skinny_config(kernel, _r_block(r), streamed.element_size(), side.element_size())
+        row_blocks, col_blocks = triton.cdiv(streamed.shape[0], cfg.block_m), triton.cdiv(streamed.shape[1], cfg.block)
+        parallel, reduced = (col_blocks, row_blocks) if kernel == "da" else (row_blocks, col_blocks)
+        splits, per = _splits(parallel, reduced, streamed.device)
+        out = _SplitOutput.of(out_shape, splits, streamed.device) if out_shape is not None else None
+        return _SkinnyPlan(cfg, (parallel, splits), per, out)
+
+    def tile_args(self, dtype: torch.dtype, r: int, streamed_block: str) -> dict:
+        """The compile-time arguments: compute dtype, padded rank, tile sizes, warps, stages."""
+        cfg = self.cfg
+        return dict(CDT=_compute_dtype(dtype), DOT_PRECISION=_DOT_PRECISION, R_BLOCK=_r_block(r),
+                    BLOCK_M=cfg.block_m, **{streamed_block: cfg.block}, num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages)
+
+    def result(self) -> Tensor | None:
+        return self.out.result() if self.out is not None else None
+
+
+def _launch_x_pass(x: Tensor, side: Tensor, dropout: _Dropout, *, for_da: bool) -> Tensor:
+    """S = drop(X) A^T (fp32 [M, r]; side = A) or dA = dS^T drop(X) (fp32 [r, K]; side = dS)."""
     m, k = x.shape
-    r = lora_a.shape[0]
-    cfg = skinny_config("s", _r_block(r), x.element_size(), lora_a.element_size())
-    splits, per = _splits(triton.cdiv(m, cfg.block_m), triton.cdiv(k, cfg.block), x.device)
-    out = _SplitOutput.of((m, r), splits, x.device)
-    stride_sm, stride_sr = out.out_strides()
-    _lora_s_kernel[(triton.cdiv(m, cfg.block_m), splits)](
-        x_ptr=x, a_ptr=lora_a, s_ptr=out.buffer, M=m, K=k, R=r, blocks_per_split=per,
-        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_a.stride(0), stride_ak=lora_a.stride(1),
-        stride_split=out.stride_split, stride_sm=stride_sm, stride_sr=stride_sr, **dropout.kernel_args(),
-        SPLIT_ATOMIC=out.atomic, INT64_OFFSETS=needs_int64_offsets(x, lora_a, out.buffer),
-        CDT=_compute_dtype(x.dtype), DOT_PRECISION=_DOT_PRECISION, R_BLOCK=_r_block(r),
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    r = side.shape[1] if for_da else side.shape[0]
+    plan = _SkinnyPlan.of("da" if for_da else "s", r, x, side, (r, k) if for_da else (m, r))
+    out0, out1 = plan.out.out_strides()
+    side0, side1 = (side.stride(0), side.stride(1)) if for_da else (side.stride(1), side.stride(0))
+    _lora_x_pass_kernel[plan.grid](
+        x_ptr=x, side_ptr=side, out_ptr=plan.out.buffer, M=m, K=k, R=r, blocks_per_split=plan.blocks_per_split,
+        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_side0=side0, stride_side1=side1,
+        stride_split=plan.out.stride_split, stride_out0=out1 if for_da else out0, stride_out1=out0 if for_da else out1,
+        **dropout.kernel_args(), FOR_DA=for_da, SPLIT_ATOMIC=plan.out.atomic,
+        INT64_OFFSETS=needs_int64_offsets(x, side, plan.out.buffer), **plan.tile_args(x.dtype, r, "BLOCK_K"),
     )
-    return out.result()
+    return plan.result()
 
 
 def _launch_ds_db(dy: Tensor, lora_b: Tensor, s: Tensor | None, scaling: float, need: GradRequest,
@@ -704,9 +714,7 @@ def _launch_ds_db(dy: Tensor, lora_b: Tensor, s: Tensor | None, scaling: float, 
             colsum = dy.sum(0, dtype=torch.float32)
         if not need_ds:
             return None, db, colsum
-    cfg = skinny_config("ds_db", _r_block(r), dy.element_size(), lora_b.element_size())
-    splits, per = _splits(triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block), dy.device)
-    ds = _SplitOutput.of((m, r), splits, dy.device) if need_ds else None
+    plan = _SkinnyPlan.of("ds_db", r, dy, lora_b, (m, r) if need_ds else None)
     compute_db, compute_colsum = need.dlora and not deterministic, need_colsum and not deterministic
     f32 = dict(device=dy.device, dtype=torch.float32)
     if compute_db:
@@ -714,42 +722,21 @@ def _launch_ds_db(dy: Tensor, lora_b: Tensor, s: Tensor | None, scaling: float, 
     if compute_colsum:
         colsum = torch.zeros((n,), **f32)
     unused = dy  # pointer arguments of outputs a constexpr flag switches off
-    ds_strides = ds.out_strides() if ds is not None else (0, 0)
-    _lora_ds_db_kernel[(triton.cdiv(m, cfg.block_m), splits)](
-        dy_ptr=dy, b_ptr=lora_b, s_ptr=s if compute_db else unused, ds_ptr=ds.buffer if ds is not None else unused,
-        db_ptr=db if compute_db else unused, colsum_ptr=colsum if compute_colsum else unused,
-        M=m, N=n, R=r, blocks_per_split=per,
+    _lora_ds_db_kernel[plan.grid](
+        dy_ptr=dy, b_ptr=lora_b, s_ptr=s if compute_db else unused,
+        ds_ptr=plan.out.buffer if need_ds else unused, db_ptr=db if compute_db else unused,
+        colsum_ptr=colsum if compute_colsum else unused, M=m, N=n, R=r, blocks_per_split=plan.blocks_per_split,
         stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_bn=lora_b.stride(0), stride_br=lora_b.stride(1),
         stride_sm=s.stride(0) if compute_db else 0, stride_sr=s.stride(1) if compute_db else 0,
-        stride_split=ds.stride_split if ds is not None else 0, stride_dsm=ds_strides[0], stride_dsr=ds_strides[1],
+        stride_split=plan.out.stride_split if need_ds else 0,
+        stride_ds0=plan.out.out_strides()[0] if need_ds else 0, stride_ds1=plan.out.out_strides()[1] if need_ds else 0,
+        SPLIT_ATOMIC=need_ds and plan.out.atomic,
         stride_dbn=db.stride(0) if compute_db else 0, stride_dbr=db.stride(1) if compute_db else 0,
-        scaling=scaling,
-        COMPUTE_DS=need_ds, COMPUTE_DB=compute_db, COMPUTE_COLSUM=compute_colsum,
-        SPLIT_ATOMIC=ds is not None and ds.atomic,
-        INT64_OFFSETS=needs_int64_offsets(dy, lora_b, s, ds.buffer if ds is not None else None, db),
-        CDT=_compute_dtype(compute_dtype), DOT_PRECISION=_DOT_PRECISION, R_BLOCK=_r_block(r),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        scaling=scaling, COMPUTE_DS=need_ds, COMPUTE_DB=compute_db, COMPUTE_COLSUM=compute_colsum,
+        INT64_OFFSETS=needs_int64_offsets(dy, lora_b, s, plan.out.buffer if need_ds else None, db),
+        **plan.tile_args(compute_dtype, r, "BLOCK_N"),
     )
-    return (ds.result() if ds is not None else None), db, colsum
-
-
-def _launch_da(ds: Tensor, x: Tensor, dropout: _Dropout) -> Tensor:
-    """dA = dS^T drop(X) (fp32 [r, K])."""
-    m, k = x.shape
-    r = ds.shape[1]
-    cfg = skinny_config("da", _r_block(r), x.element_size(), ds.element_size())
-    splits, per = _splits(triton.cdiv(k, cfg.block), triton.cdiv(m, cfg.block_m), x.device)
-    out = _SplitOutput.of((r, k), splits, x.device)
-    stride_dar, stride_dak = out.out_strides()
-    _lora_da_kernel[(triton.cdiv(k, cfg.block), splits)](
-        ds_ptr=ds, x_ptr=x, da_ptr=out.buffer, M=m, K=k, R=r, blocks_per_split=per,
-        stride_dsm=ds.stride(0), stride_dsr=ds.stride(1), stride_xm=x.stride(0), stride_xk=x.stride(1),
-        stride_split=out.stride_split, stride_dar=stride_dar, stride_dak=stride_dak, **dropout.kernel_args(),
-        SPLIT_ATOMIC=out.atomic, INT64_OFFSETS=needs_int64_offsets(ds, x, out.buffer),
-        CDT=_compute_dtype(x.dtype), DOT_PRECISION=_DOT_PRECISION, R_BLOCK=_r_block(r),
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return out.result()
+    return plan.result(), db, colsum
 
 
 def _launch_gemm(*, a: Tensor, b: Tensor, b_strides: tuple[int, int], out_features: int, bias: Tensor | None,
@@ -830,7 +817,7 @@ def lora_forward(
     m = x.shape[0]
     if m == 0:
         return x.new_empty((0, w_nk.shape[0])), x.new_empty((0, lora_a.shape[0]), dtype=torch.float32)
-    s = _launch_s(x, lora_a, _Dropout.of(options, x.shape[1]))
+    s = _launch_x_pass(x, lora_a, _Dropout.of(options, x.shape[1]), for_da=False)
     y = _launch_gemm(
         a=x, b=w_nk, b_strides=(w_nk.stride(1), w_nk.stride(0)), out_features=w_nk.shape[0], bias=bias,
         lowrank_s=s, lowrank_l=lora_b, l_strides=(lora_b.stride(1), lora_b.stride(0)), lora_scale=options.scaling,
@@ -871,7 +858,7 @@ def lora_backward(
             lora_bias=None, dropout=dropout, cublas_below_m=cublas_below_m, cublas_base=lambda: dy @ w_nk,
         )
     if need.dlora:
-        da = torch.zeros((r, k), device=dy.device) if m == 0 else _launch_da(ds, x, dropout)
+        da = torch.zeros((r, k), device=dy.device) if m == 0 else _launch_x_pass(x, ds, dropout, for_da=True)
     return LoraGrads(
         dx=dx,
         d_lora_a=da.to(lora_a.dtype) if da is not None else None,

@@ -58,6 +58,8 @@ class LoraAdapter:
             raise NotImplementedError("LoRA adapters with a lora_B bias are not supported by coto_kernels.tools")
         A, B, extra = {}, {}, {}
         for key, value in state.items():
+            if not torch.is_tensor(value):
+                raise TypeError(f"adapter entry {key} is a {type(value).__name__}, not a tensor")
             if key.endswith(_A):
                 A[key[: -len(_A)]] = value.detach().clone()
             elif key.endswith(_B):
@@ -66,6 +68,8 @@ class LoraAdapter:
                 extra[key] = value.detach().clone()
         if set(A) != set(B):
             raise ValueError(f"unpaired LoRA factors for {sorted(set(A) ^ set(B))}")
+        for m in A:
+            _check_pair(m, A[m], B[m])
         scaling = {m: _peft_scaling(config, m, A[m].shape[0]) for m in A}
         return cls(A=A, B=B, scaling=scaling, config=copy.deepcopy(config), extra=extra)
 
@@ -87,15 +91,9 @@ class LoraAdapter:
         """Read a folder written by ``PeftModel.save_pretrained`` (safetensors or ``adapter_model.bin``)."""
         from peft import LoraConfig
 
-        path = Path(path)
+        path = adapter_folder(path)
         config = LoraConfig.from_pretrained(str(path))
-        if (path / "adapter_model.safetensors").exists():
-            from safetensors.torch import load_file
-
-            state = load_file(str(path / "adapter_model.safetensors"))
-        else:
-            state = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
-        return cls.from_state_dict(state, config)
+        return cls.from_state_dict(_read_weights(path), config)
 
     # -- views -------------------------------------------------------------------------------------------------
 
@@ -192,7 +190,51 @@ def load_peft_model(base: nn.Module, adapter: LoraAdapter | str | os.PathLike, t
         with tempfile.TemporaryDirectory(dir=tmpdir) as folder:
             adapter.save_pretrained(folder)
             return PeftModel.from_pretrained(base, folder)
-    return PeftModel.from_pretrained(base, str(adapter))
+    return PeftModel.from_pretrained(base, str(adapter_folder(adapter)))
+
+
+def adapter_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a local adapter folder, checked at once: the tools never take a path for a Hub repo id.
+
+    PEFT's loaders read a path that is not a local folder as a Hugging Face Hub repo id (network retries, and
+    a remote adapter would be used if one had that name); a typo in a local path must fail here instead.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"no adapter folder at {os.fspath(path)!r} (resolved: {folder.resolve()}); coto_kernels.tools reads "
+            "local folders written by save_pretrained. For an adapter on the Hugging Face Hub, download it first "
+            "(huggingface_hub.snapshot_download(repo_id)) and pass the folder."
+        )
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} does not exist: {folder} is no adapter folder written by save_pretrained")
+    return folder
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The saved state dict of an adapter folder; a missing or unreadable file is an error naming it."""
+    safetensors_file, bin_file = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+    if safetensors_file.is_file():
+        from safetensors.torch import load_file
+
+        file, read = safetensors_file, lambda: load_file(str(safetensors_file))
+    elif bin_file.is_file():
+        file, read = bin_file, lambda: torch.load(bin_file, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{folder} holds neither adapter_model.safetensors nor adapter_model.bin")
+    try:
+        return read()
+    except Exception as err:  # safetensors and torch raise their own types for a truncated or foreign file
+        raise ValueError(f"cannot read the adapter weights {file}: {err}") from err
+
+
+def _check_pair(module: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+        raise ValueError(
+            f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are no LoRA pair (expected A [r, in] "
+            "and B [out, r])"
+        )
 
 
 def _relative(module: str) -> str:

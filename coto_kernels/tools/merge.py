@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .adapter import LoraAdapter
+from .checks import finite
 
 METHODS = ("fusion", "ensemble")
 
@@ -63,15 +64,19 @@ def merge_adapters(
     items = [as_adapter(a) for a in adapters]
     if not items:
         raise ValueError("nothing to merge")
-    w = [1.0 / len(items)] * len(items) if weights is None else [float(x) for x in weights]
+    w = [1.0 / len(items)] * len(items) if weights is None else [finite(f"merge weight {i}", x)
+                                                                  for i, x in enumerate(weights)]
     if len(w) != len(items):
         raise ValueError(f"{len(items)} adapters but {len(w)} weights")
     first = items[0]
-    for other in items[1:]:
+    for i, other in enumerate(items[1:], start=1):
         if other.modules != first.modules:
-            raise ValueError("the adapters adapt different modules; merge adapters of the same model and targets")
+            differ = sorted(set(other.modules) ^ set(first.modules))[:3] or ["(same modules, other order)"]
+            raise ValueError(f"adapters 0 and {i} adapt different modules, e.g. {differ}; merge adapters of the "
+                             "same model and targets")
         if set(other.extra) != set(first.extra):
-            raise ValueError("the adapters save different extra modules (modules_to_save)")
+            raise ValueError(f"adapters 0 and {i} save different extra entries (modules_to_save): "
+                             f"{sorted(set(other.extra) ^ set(first.extra))[:3]}")
 
     A, B, scaling = {}, {}, {}
     for m in first.modules:
@@ -85,6 +90,9 @@ def merge_adapters(
             A[m] = _weighted([a.A[m] for a in items], w)
             B[m] = _weighted([a.B[m] for a in items], factors)
         else:
+            shapes = {(a.A[m].shape[1], a.B[m].shape[0]) for a in items}
+            if len(shapes) != 1:
+                raise ValueError(f"ensemble needs equal (in, out) features; {m} has {sorted(shapes)}")
             A[m] = torch.cat([a.A[m] for a in items], dim=0)
             B[m] = torch.cat([(f * a.B[m].double()).to(a.B[m].dtype) for f, a in zip(factors, items)], dim=1)
         scaling[m] = s
@@ -102,6 +110,7 @@ def merge_adapters(
 
 def interpolate(a: AdapterLike, b: AdapterLike, lam: float, method: str = "fusion") -> LoraAdapter:
     """``merge_adapters([a, b], [1 - lam, lam], method)``: lam = 0 is ``a``, lam = 1 is ``b``."""
+    lam = finite("lam", lam)
     return merge_adapters([a, b], [1.0 - lam, lam], method)
 
 

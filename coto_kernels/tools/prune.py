@@ -45,6 +45,7 @@ from torch import nn
 from ..gates import block_prefix, natural_key
 from ..patching import CONTROLLER_KEY
 from .adapter import LoraAdapter
+from .checks import finite
 
 PATTERNS = ("every-other", "every-other-even", "low", "middle", "high")
 REFACTOR = ("svd", "exact")
@@ -178,7 +179,7 @@ def magnitude_prune(adapter: LoraAdapter, sparsity: float, *, refactor: str = "s
     """Unstructured magnitude pruning of each module's product ``B A`` at ``sparsity`` (fraction of entries set
     to zero, per module), stored back as LoRA factors by ``refactor`` (``"svd"``: rank r, approximate;
     ``"exact"``: rank min(N, K), exact). Computed in float64, stored in the input dtype."""
-    if not 0.0 <= sparsity <= 1.0:
+    if not 0.0 <= finite("sparsity", sparsity) <= 1.0:
         raise ValueError(f"sparsity must lie in [0, 1], got {sparsity}")
     if refactor not in REFACTOR:
         raise ValueError(f"refactor must be one of {REFACTOR}, got {refactor!r}")

@@ -27,11 +27,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..benchmarking import save_plot
 from ..gates import block_prefix
+from .checks import integer
 from .prune import adapter_blocks, lora_modules, projection_of, pruned
 
 ValueFn = Callable[[frozenset], float]
@@ -81,8 +84,8 @@ def shapley_values(
     players = list(players)
     if len(set(players)) != len(players) or not players:
         raise ValueError("players must be a non-empty list of distinct names")
-    if n_samples < 2:
-        raise ValueError("n_samples must be >= 2 for a standard error")
+    n_samples = integer("n_samples", n_samples, minimum=2)  # two at least, for a standard error
+    seed = integer("seed", seed)
     v = _Memo(value)
     n = len(players)
     generator = torch.Generator().manual_seed(seed)
@@ -196,21 +199,13 @@ def shapley_grid(result: ShapleyResult, modules: Iterable[str] | None = None
     return labels, [p.rsplit(".", 1)[-1] if p.count(".") else p for p in projections], rows
 
 
-def plot_shapley_heatmap(
+def draw_shapley_heatmap(
+    plt: Any,
     results: Mapping[str, ShapleyResult],
-    path: str | Path,
     title: str = "Shapley value per adapter",
     value_label: str = "Shapley value",
-) -> Path | None:
-    """One panel per entry of ``results`` (e.g. ``{"LoRA": r1, "CoTo": r2}``), blocks x projections, shared
-    colour scale, like the paper's Figure r5. Returns the PNG path, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+) -> Any:
+    """The figure of ``plot_shapley_heatmap`` drawn with ``plt`` (``matplotlib.pyplot``); returns the figure."""
     grids = {name: shapley_grid(r) for name, r in results.items()}
     finite = [x for _, _, rows in grids.values() for row in rows for x in row if not math.isnan(x)]
     vmax = max((abs(x) for x in finite), default=1.0) or 1.0
@@ -230,7 +225,15 @@ def plot_shapley_heatmap(
     if image is not None:
         fig.colorbar(image, ax=list(axes[0]), label=value_label, shrink=0.9)
     fig.suptitle(title, y=1.03)
-    path = Path(path)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return fig
+
+
+def plot_shapley_heatmap(
+    results: Mapping[str, ShapleyResult],
+    path: str | Path,
+    title: str = "Shapley value per adapter",
+    value_label: str = "Shapley value",
+) -> Path | None:
+    """One panel per entry of ``results`` (e.g. ``{"LoRA": r1, "CoTo": r2}``), blocks x projections, shared
+    colour scale, like the paper's Figure r5. Returns the PNG path, or None when matplotlib is not installed."""
+    return save_plot(lambda plt: draw_shapley_heatmap(plt, results, title, value_label), path)

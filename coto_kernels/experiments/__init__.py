@@ -1,1 +1,0 @@
-"""Experiments built on coto_kernels (optional extras; see each module)."""
