@@ -28,10 +28,14 @@ SCHEDULES = ("linear", "sine", "exponential", "off")
 GRANULARITIES = ("layer", "module")
 
 
-def as_real(name: str, value: Any) -> float:
-    """``value`` as a finite float; a bool, a string or NaN/inf is a ``ValueError`` naming ``name``."""
+def as_real(name: str, value: Any, *, type_error: type[Exception] = ValueError) -> float:
+    """``value`` as a finite float; NaN/inf is a ``ValueError``, a bool or a string a ``type_error``, naming ``name``.
+
+    Options of a config are one ``ValueError`` family (PEFT's convention); the tools' arguments raise
+    ``TypeError`` for a wrong type, as Python's own functions do.
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+        raise type_error(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")

@@ -28,20 +28,9 @@ class DoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        lora_a: Tensor,
-        lora_b: Tensor,
-        lora_bias: Tensor | None,
-        magnitude: Tensor,
-        norm: Tensor,
-        scaling: float,
-        dropout_p: float,
-        seed: int,
-        weight_is_kn: bool,
-        backend: str,
+        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+        lora_bias: Tensor | None, magnitude: Tensor, norm: Tensor,
+        scaling: float, dropout_p: float, seed: int, weight_is_kn: bool, backend: str,
     ) -> Tensor:
         x2d = x.reshape(-1, x.shape[-1])
         options = LoraOptions(scaling=scaling, dropout_p=dropout_p, seed=seed, weight_is_kn=weight_is_kn)
@@ -93,20 +82,9 @@ class DoRAFunction(torch.autograd.Function):
 
 
 def dora_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    lora_bias: Tensor | None,
-    magnitude: Tensor,
-    *,
-    scaling: float,
-    dropout_p: float = 0.0,
-    gate: bool = True,
-    weight_is_kn: bool = False,
-    seed: int | None = None,
-    backend: str = "auto",
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None,
+    magnitude: Tensor, *, scaling: float, dropout_p: float = 0.0, gate: bool = True, weight_is_kn: bool = False,
+    seed: int | None = None, backend: str = "auto",
 ) -> Tensor:
     """PEFT's DoRA layer output (module docstring) with a fused backward; ``gate=False`` runs ``x W^T + bias`` only.
 

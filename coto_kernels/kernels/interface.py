@@ -48,6 +48,8 @@ A backend is a module with ``lora_forward``, ``lora_backward`` and ``dropout_kee
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -164,3 +166,22 @@ class DoraBackend(Protocol):
     ) -> DoraGrads:
         """The gradients of ``dora_forward`` for 2-D contiguous ``dy``; ``y``: the saved output when Z is None."""
 
+
+
+def frozen_base_grads(dy: Tensor, weight: Tensor, options: LoraOptions, need: GradRequest) -> LoraGrads:
+    """The gated-off backward every BLAS-based backend shares: dX = dY W and d_bias only, no adapter gradient."""
+    dx = dy @ weight_nk(weight, options.weight_is_kn) if need.dx else None
+    return LoraGrads(dx, None, None, dy.sum(0) if need.dbias else None, None)
+
+
+def gated_off_runs_frozen_base(backward: Callable[..., LoraGrads]) -> Callable[..., LoraGrads]:
+    """Decorate a backend's ``lora_backward`` so a gated-off call returns ``frozen_base_grads`` without it."""
+
+    @functools.wraps(backward)
+    def gated(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s: Tensor | None, *,
+              options: LoraOptions, need: GradRequest) -> LoraGrads:
+        if not options.gate:
+            return frozen_base_grads(dy, weight, options, need)
+        return backward(dy, x, weight, lora_a, lora_b, s, options=options, need=need)
+
+    return gated

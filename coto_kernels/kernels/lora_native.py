@@ -18,13 +18,15 @@ recorded) when the CPU library is not built, so ``backend_status()`` can say why
 
 from __future__ import annotations
 
+import functools
 import importlib.machinery
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .interface import GradRequest, LoraGrads, LoraOptions, weight_nk
+from .interface import GradRequest, LoraGrads, LoraOptions, gated_off_runs_frozen_base, weight_nk
+from .lora_torch import blas_lora_forward
 
 __all__ = ["CUDA_STATUS", "dropout_keep_mask", "lora_backward", "lora_forward"]
 
@@ -100,34 +102,13 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int], dropout_p: float, devic
     return _ops.keep_mask(torch.empty(shape, dtype=torch.uint8, device=device), seed, dropout_p)
 
 
-def lora_forward(
-    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None, *,
-    options: LoraOptions,
-) -> tuple[Tensor, Tensor | None]:
-    """``(Y, S)`` for 2-D ``x``; ``S`` (in the adapters' dtype) is None when the gate is off."""
-    y = torch.nn.functional.linear(x, weight_nk(weight, options.weight_is_kn), bias)
-    if not options.gate:
-        return y, None
-    s = _ops.lora_down(x, lora_a, options.seed, options.dropout_p).to(lora_a.dtype)
-    if lora_b.dtype == y.dtype:
-        y.addmm_(s, lora_b.t(), alpha=options.scaling)
-        if lora_bias is not None:
-            y.add_(lora_bias, alpha=options.scaling)
-        return y, s
-    # Adapters in another dtype (PEFT's fp32 adapters over a bf16 base): add in the adapter dtype and cast back,
-    # as PEFT does, so the rounding matches it.
-    delta = torch.addmm(lora_bias, s, lora_b.t()) if lora_bias is not None else s @ lora_b.t()
-    return (y + delta * options.scaling).to(y.dtype), s
-
-
+@gated_off_runs_frozen_base
 def lora_backward(
     dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, s: Tensor | None, *,
     options: LoraOptions, need: GradRequest,
 ) -> LoraGrads:
-    """The gradients for 2-D ``dy``; None where not requested or gated off."""
+    """dX by BLAS plus the native ``lora_dy`` / ``lora_dx_da`` ops; None where not requested."""
     dx = dy @ weight_nk(weight, options.weight_is_kn) if need.dx else None
-    if not options.gate:
-        return LoraGrads(dx, None, None, dy.sum(0) if need.dbias else None, None)
     if dx is not None and dx.dtype != x.dtype:
         dx = dx.to(x.dtype)
     need_colsum = need.dbias or need.dlora_bias
@@ -140,3 +121,12 @@ def lora_backward(
     d_bias = colsum.to(dy.dtype) if need.dbias else None
     d_lora_bias = colsum.mul(options.scaling).to(lora_b.dtype) if need.dlora_bias else None
     return LoraGrads(dx, d_lora_a, d_lora_b, d_bias, d_lora_bias)
+
+
+def _down(x: Tensor, lora_a: Tensor, options: LoraOptions) -> Tensor:
+    """S by the native ``lora_down`` op, the dropout mask generated in its loop."""
+    return _ops.lora_down(x, lora_a, options.seed, options.dropout_p).to(lora_a.dtype)
+
+
+#: ``(Y, S)``: Y by BLAS, S by the native ``lora_down`` op.
+lora_forward = functools.partial(blas_lora_forward, down=_down)

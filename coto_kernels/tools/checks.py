@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 import operator
 from typing import Any
+
+from ..config import as_real
 
 
 def integer(name: str, value: Any, minimum: int | None = None) -> int:
@@ -19,10 +20,5 @@ def integer(name: str, value: Any, minimum: int | None = None) -> int:
 
 
 def finite(name: str, value: Any) -> float:
-    """``value`` as a finite float; a bool, a string, NaN or an infinity is an error naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+    """``value`` as a finite float; a bool or a string is a ``TypeError``, NaN or an infinity a ``ValueError``."""
+    return as_real(name, value, type_error=TypeError)
