@@ -41,7 +41,10 @@ def assert_same_grads(got: dict, want: dict) -> None:
     for name, grad in got.items():
         assert (grad is None) == (want[name] is None), name
         if grad is not None:
-            torch.testing.assert_close(grad, want[name], rtol=1e-5, atol=1e-6, msg=name)
+            # fp32 summation order differs between backends (the native ops sum per-thread partials): the
+            # absolute slack is relative to the gradient's scale, ~1e-7 measured, a wrong term is O(1).
+            scale = want[name].abs().max().item()
+            torch.testing.assert_close(grad, want[name], rtol=1e-5, atol=1e-6 * max(scale, 1.0), msg=name)
 
 
 def coto_hooks(model) -> list[tuple[str, object]]:
