@@ -68,11 +68,11 @@ paper-smoke: $(STAMP)
 
 # PEFT's own LoRA tests, unpatched vs patched (bench/peer/run.py): the full selection, and the CI subset.
 peer-test: $(STAMP)
-	$(PY) -m pip install -q -e ".[peer]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[peer]"
 	$(PY) bench/peer/run.py
 
 peer-test-fast: $(STAMP)
-	$(PY) -m pip install -q -e ".[peer]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[peer]"
 	$(PY) bench/peer/run.py --fast
 
 clean:
