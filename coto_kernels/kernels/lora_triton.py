@@ -667,9 +667,10 @@ def skinny_config(kernel: str, r_block: int, x_bytes: int, side_bytes: int, x_al
     if kernel in ("ds_db", "dora_ds_db"):
         # Tall row-blocks while the rank is small: dB atomics scale with M / BLOCK_M.
         # Both accumulators (dS: block_m x r, dB: block x r) stay within 96 fp32 registers per thread: at r = 128
-        # a 128-row tile spilled on sm_80 (255 registers + 32 B stack), 64 rows did not. DoRA's pass also holds
-        # the fp32 dY and saved-output tiles: 256 rows spilled on sm_90 at r = 16 (48 B stack), 128 rows did not.
-        block_m = min(256 if kernel == "ds_db" else 128, max(64, 8192 // r_block))
+        # a 128-row tile spilled on sm_80 (255 registers + 32 B stack), 64 rows did not; at r = 256, 64 rows
+        # spilled on sm_80 (8 B), so 32. 256 rows spilled at r = 16 on sm_80 (plain pass with split atomics:
+        # 40 B) and on sm_90 (DoRA's pass, which also holds the fp32 dY and saved-output tiles: 48 B stack).
+        block_m = min(128, max(32, 8192 // r_block))
         block = min(64, 8192 // r_block)
         resident = block_m * r_block * x_bytes  # s * S, the dB MMA's operand, loaded once
     else:
