@@ -371,13 +371,18 @@ def test_skinny_tiles_fit_every_rank(monkeypatch, kernel):
             assert cfg.num_stages >= 2 and smem <= lora_triton.SKINNY_SMEM_BUDGET, (r_block, x_bytes, cfg)
             acc_rows = {"s": cfg.block_m, "da": cfg.block, "ds_db": cfg.block_m + cfg.block}[kernel]  # dS and dB
             assert acc_rows * r_block // (32 * cfg.num_warps) <= (96 if kernel == "ds_db" else 64), (r_block, cfg)
+            if kernel != "ds_db":  # unaligned X (row stride 4100): at most 64x64 tiles (64x128 spilled with dropout)
+                unaligned = lora_triton.skinny_config(kernel, r_block, x_bytes, side_bytes, x_aligned=False)
+                assert unaligned.block_m == 64 and unaligned.block <= 64, (r_block, unaligned)
+                if r_block <= 64:
+                    assert unaligned.block == 64 < cfg.block, (r_block, unaligned, cfg)
 
 
 def test_gemm_configs_pruned_to_what_launches():
     configs = lora_triton.gemm_configs(for_interpreter=False)
     sm80 = 163 * 1024
     args = dict(c_ptr=torch.empty(1, 1, dtype=BF16), CDT=None, M_BUCKET=16384, LORA_DROPOUT=False, USE_TMA=True,
-                STORE_Z=False)
+                STORE_Z=False, K=4096, stride_am=4096, stride_ak=1, stride_bk=1, stride_bn=4096)
     assert lora_triton.prune_gemm_configs(configs, dict(args, R_BLOCK=16), smem_limit=227 * 1024) == configs
     at_256 = lora_triton.prune_gemm_configs(configs, dict(args, R_BLOCK=256), smem_limit=sm80)
     assert at_256 and all(lora_triton.gemm_smem_bytes(c, 2, 256) <= sm80 for c in at_256)
@@ -389,6 +394,25 @@ def test_gemm_configs_pruned_to_what_launches():
     pointer = lora_triton.prune_gemm_configs(configs, dict(args, R_BLOCK=16, USE_TMA=False), smem_limit=sm80)
     assert pointer and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps for c in pointer)
     assert len(pointer) < len(configs)
+    # From R_BLOCK 128 the TMA path is held to 64 accumulator elements per thread too; at 256 every tile has 8 warps.
+    at_128 = lora_triton.prune_gemm_configs(configs, dict(args, R_BLOCK=128), smem_limit=227 * 1024)
+    assert at_128 and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps for c in at_128)
+    assert all(c.num_warps == 8 for c in at_256)
+    # Unaligned operands (K = 4100, row strides 4100): only tiles of <= 32 accumulator elements per thread and
+    # BLOCK_K <= 32 remain, e.g. 64x64x32 on 4 warps.
+    odd = dict(args, R_BLOCK=16, USE_TMA=False, K=4100, stride_am=4100, stride_bn=4100)
+    unaligned = lora_triton.prune_gemm_configs(configs, odd, smem_limit=227 * 1024)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in unaligned] == [
+        (64, 64, 32, 4)]
+
+
+def test_lowrank_only_tile_shrinks_with_rank(monkeypatch):
+    """The cuBLAS path's low-rank-only tile: BLOCK_N x R_BLOCK (the L operand) stays <= 64 x 128 from R_BLOCK 128
+    (a 64x128 tile spilled there with dropout on sm_80, and its shared memory was over the limit at 256)."""
+    monkeypatch.setattr(lora_triton, "INTERPRET", False)
+    tiles = {r_block: lora_triton.lowrank_only_tile(r_block) for r_block in (16, 64, 128, 256)}
+    assert tiles[16] == tiles[64] == (64, 128, 4)
+    assert all(bn * r_block <= 128 * 64 for r_block, (_, bn, _) in tiles.items() if r_block >= 128)
 
 
 def test_dropout_mask():

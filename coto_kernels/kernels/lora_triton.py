@@ -318,9 +318,8 @@ def gemm_smem_bytes(config: triton.Config, elem_bytes: int, r_block: int) -> int
 def prune_gemm_configs(configs: list[triton.Config], named_args: dict, smem_limit: int | None = None,
                        **kwargs) -> list[triton.Config]:
     """The autotuner's ``early_config_prune``: drop configs over the shared-memory limit (of ``smem_limit``, or of
-    the output's device) and tiles taller than the token bucket, so fewer configs compile and all can launch.
-
-    The smallest config is always kept (it fits every supported target at every rank <= MAX_RANK)."""
+    the output's device), tiles taller than the token bucket and tiles that spill (``gemm_tile_spills``); at
+    R_BLOCK >= 256 every config runs with 8 warps (``gemm_config_for_rank``). The smallest config is always kept."""
     args = {**named_args, **kwargs}
     c = args["c_ptr"]
     if smem_limit is None:
@@ -329,14 +328,15 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, smem_limi
         smem_limit = _smem_limit(c.device)
     elem = c.element_size() if args.get("CDT") != tl.float32 else 4
     r_block, m_bucket = args["R_BLOCK"], args["M_BUCKET"]
+    configs = [gemm_config_for_rank(cfg, r_block) for cfg in configs]
 
     def launchable(cfg: triton.Config) -> bool:
-        per_thread = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] // (32 * cfg.num_warps)
-        # 128 accumulator elements per thread spill with the dX dropout prologue, DoRA's STORE_Z epilogue (sm_90)
-        # and the pointer main loop of sm_80 (dX 128x128/4 warps, A_COL_SCALE 128x256/8): 64 do not (ptxas -v).
         return (gemm_smem_bytes(cfg, elem, r_block) <= smem_limit and cfg.kwargs["BLOCK_M"] <= max(64, m_bucket)
-                and (per_thread <= 64 or (args["USE_TMA"] and not args["LORA_DROPOUT"] and not args["STORE_Z"])))
+                and not gemm_tile_spills(cfg, args))
 
+    # Only a compile shows what spills: the limits of gemm_tile_spills are what bench/kernels_check.py (ptxas -v
+    # of every launch the host code can make) measured on sm_80 and sm_90; docs/kernels_check.md lists them all.
+    # The helpers are defined with the host-side dispatch below (they run at launch, not at import).
     kept = [cfg for cfg in configs if launchable(cfg)]
     return kept or [min(configs, key=lambda cfg: gemm_smem_bytes(cfg, elem, r_block))]
 
@@ -475,6 +475,52 @@ def _lora_ds_db_kernel(
 # --------------------------------------------------------------------------------------------------------------
 # Host side: dispatch decisions
 # --------------------------------------------------------------------------------------------------------------
+def divisible_by_16(*values: int) -> bool:
+    """Whether every integer is a multiple of 16: what Triton specialises on, and what lets a tile's loads along
+    a stride (or masked at a bound K) use 16-byte vectors instead of one load per element."""
+    return all(v % 16 == 0 for v in values)
+
+
+def gemm_operands_aligned(args: dict) -> bool:
+    """The fused GEMM's A and B rows start 16-element aligned and K is a multiple of 16 (unit strides aside)."""
+    strides = (args[name] for name in ("stride_am", "stride_ak", "stride_bk", "stride_bn"))
+    return divisible_by_16(args["K"], *(s for s in strides if s != 1))
+
+
+def gemm_config_for_rank(cfg: triton.Config, r_block: int) -> triton.Config:
+    """At R_BLOCK >= 256 the low-rank prologue's operands (S [BLOCK_M, R], L [R, BLOCK_N]) need as many registers
+    as the accumulator: with 4 warps even the 64x64x32 TMA tile spilled on sm_90 (16 B), so every tile gets 8."""
+    if r_block < 256 or cfg.num_warps >= 8:
+        return cfg
+    return triton.Config(dict(cfg.kwargs), num_warps=8, num_stages=cfg.num_stages)
+
+
+def gemm_tile_spills(cfg: triton.Config, args: dict) -> bool:
+    """Whether the fused GEMM's tile spills registers for these arguments (measured with ptxas -v, sm_80/sm_90).
+
+    * 128 fp32 accumulator elements per thread spill with the dX dropout prologue, DoRA's STORE_Z epilogue, the
+      pointer main loop of sm_80 (dX 128x128/4 warps, A_COL_SCALE 128x256/8) and, from R_BLOCK 128, next to the
+      low-rank prologue on the TMA path (144 B at 128x128/4 warps); 64 do not.
+    * Unaligned operands (``gemm_operands_aligned``: e.g. K = 4100) load element by element with masks: every
+      tile with 64 accumulator elements per thread or BLOCK_K 64 spilled (400-9800 B on sm_80 and sm_90), so
+      only 64x64x32-sized tiles (32 per thread) remain.
+    """
+    per_thread = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] // (32 * cfg.num_warps)
+    if not gemm_operands_aligned(args):
+        return per_thread > 32 or cfg.kwargs["BLOCK_K"] > 32
+    roomy = args["USE_TMA"] and not args["LORA_DROPOUT"] and not args["STORE_Z"] and args["R_BLOCK"] < 128
+    return per_thread > (128 if roomy else 64)
+
+
+def lowrank_only_tile(r_block: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the low-rank-only launch (HAS_MAIN=False, the cuBLAS path): BLOCK_N shrinks
+    as the rank grows so that S [64, R], L [R, BLOCK_N] and the accumulator stay in registers; at R_BLOCK 128 a
+    64x128 tile spilled with dropout on sm_80 (164 B)."""
+    if INTERPRET:
+        return 64, 64, 4
+    return 64, min(128, 8192 // r_block), 4
+
+
 def default_cublas_below_m() -> int:
     """``cublas_below_m`` when the caller passes None: ``COTO_TRITON_CUBLAS_BELOW_M`` (a row count >= 0) or 128."""
     raw = os.environ.get(CUBLAS_BELOW_M_ENV)
@@ -606,26 +652,29 @@ class SkinnyConfig:
     num_stages: int
 
 
-def skinny_config(kernel: str, r_block: int, x_bytes: int, side_bytes: int) -> SkinnyConfig:
+def skinny_config(kernel: str, r_block: int, x_bytes: int, side_bytes: int, x_aligned: bool = True) -> SkinnyConfig:
     """The tile of ``kernel`` ("s", "da", "ds_db", or "dora_ds_db": the dY pass with DoRA's flags) at ``r_block``.
 
     ``x_bytes``: element size of the streamed tile (X or dY); ``side_bytes``: of the rank-wide operand streamed
     with it (A, dS (fp32) or B). The fp32 accumulator (BLOCK x r_block) is held to 64 registers per thread by
     more warps / shorter tiles at large ranks, and the pipelined operand tiles stay within SKINNY_SMEM_BUDGET
-    (fewer stages, then shorter tiles): every r <= MAX_RANK fits sm_80 and sm_90.
+    (fewer stages, then shorter tiles): every r <= MAX_RANK fits sm_80 and sm_90. ``x_aligned`` False (a row
+    stride not a multiple of 16 elements, e.g. K = 4100): X loads element by element, and the S pass with
+    dropout spilled at 64x128 (96 B stack on sm_90), so the S/dA tiles are 64x64.
     """
     if INTERPRET:
         return SkinnyConfig(64, 64, 4, 1)
     if kernel in ("ds_db", "dora_ds_db"):
         # Tall row-blocks while the rank is small: dB atomics scale with M / BLOCK_M.
         # Both accumulators (dS: block_m x r, dB: block x r) stay within 96 fp32 registers per thread: at r = 128
-        # a 128-row tile spilled on sm_80 (255 registers + 32 B stack), 64 rows did not. DoRA's pass also holds
-        # the fp32 dY and saved-output tiles: 256 rows spilled on sm_90 at r = 16 (48 B stack), 128 rows did not.
-        block_m = min(256 if kernel == "ds_db" else 128, max(64, 8192 // r_block))
+        # a 128-row tile spilled on sm_80 (255 registers + 32 B stack), 64 rows did not; at r = 256, 64 rows
+        # spilled on sm_80 (8 B), so 32. 256 rows spilled at r = 16 on sm_80 (plain pass with split atomics:
+        # 40 B) and on sm_90 (DoRA's pass, which also holds the fp32 dY and saved-output tiles: 48 B stack).
+        block_m = min(128, max(32, 8192 // r_block))
         block = min(64, 8192 // r_block)
         resident = block_m * r_block * x_bytes  # s * S, the dB MMA's operand, loaded once
     else:
-        block_m, block = 64, 128 if r_block <= 64 else 64
+        block_m, block = 64, 128 if r_block <= 64 and x_aligned else 64
         resident = 0
     accumulator_rows = block if kernel == "da" else block_m
     num_warps = 8 if kernel in ("ds_db", "dora_ds_db") or accumulator_rows * r_block > 64 * 64 else 4
@@ -713,7 +762,8 @@ class _SkinnyPlan:
     @staticmethod
     def of(kernel: str, r: int, streamed: Tensor, side: Tensor, out_shape: tuple[int, int] | None) -> _SkinnyPlan:
         """Programs own row-blocks of ``streamed`` and reduce over its column-blocks (dA: the other way round)."""
-        cfg = skinny_config(kernel, _r_block(r), streamed.element_size(), side.element_size())
+        aligned = divisible_by_16(*(stride for stride in streamed.stride() if stride != 1))
+        cfg = skinny_config(kernel, _r_block(r), streamed.element_size(), side.element_size(), aligned)
         row_blocks, col_blocks = triton.cdiv(streamed.shape[0], cfg.block_m), triton.cdiv(streamed.shape[1], cfg.block)
         parallel, reduced = (col_blocks, row_blocks) if kernel == "da" else (row_blocks, col_blocks)
         splits, per = _splits(parallel, reduced, streamed.device)
@@ -859,9 +909,11 @@ def launch_gemm(*, a: Tensor, b: Tensor, b_strides: tuple[int, int], out_feature
         USE_TMA=False, B_K_CONTIGUOUS=b_strides[0] == 1,
     )
     if on_cublas:
-        bm, bn = (64, 64) if INTERPRET else (64, 128)
+        # One tile per program and no K loop: nothing to pipeline, and num_stages > 1 only multiplied the
+        # prologue's shared memory (R_BLOCK 256: 290-368 KiB with 3 stages, over sm_80's and sm_90's limit).
+        bm, bn, warps = lowrank_only_tile(_r_block(r))
         _fused_gemm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
-            **args, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, GROUP_M=8, num_warps=4)
+            **args, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=16, GROUP_M=8, num_warps=warps, num_stages=1)
         return c
     # Hopper: TMA main loop, persistent grid (one program per SM walks the tiles); elsewhere one program per tile.
     use_tma = _tma_eligible(a, b, b_strides)
