@@ -28,8 +28,8 @@ Dispatch (host side):
 * ``M < cublas_below_m`` (default 128, ``COTO_TRITON_CUBLAS_BELOW_M``): the base GEMM runs on cuBLAS, whose
   split-K/GEMV kernels win for a handful of rows; the low-rank term is then added by the GEMM kernel with its
   main loop compiled out. The skinny kernels run in both cases.
-* rank above ``MAX_RANK`` (warns once), or fp32 inputs with TF32 off (an IEEE fp32 ``tl.dot`` is an FMA loop
-  that spills and cannot beat cuBLAS SGEMM): the ``lora_torch`` backend.
+* rank above ``MAX_RANK``, or fp32 inputs on a GPU (each warns once: IEEE fp32 dots and even TF32 fp32 tiles
+  spill on sm_80/sm_90, see kernels-check): the ``lora_torch`` backend (cuBLAS GEMMs, the same dropout mask).
 * Split reductions (S over K, dS over N, dA over M, when there are too few programs otherwise) meet through
   relaxed fp32 atomics; with ``torch.use_deterministic_algorithms(True)`` each split writes its own partial
   buffer that torch sums in a fixed order, and dB / the bias sums (cross-program atomics over M in the dS/dB
@@ -81,7 +81,7 @@ MAX_RANK = 256
 #: (sm_90: 227 KiB), with room for the layout-conversion scratch Triton adds.
 SKINNY_SMEM_BUDGET = 144 * 1024
 
-# fp32 inputs reach the kernels only with TF32 allowed (IEEE fp32 goes to the torch backend); 16-bit ignore it.
+# fp32 inputs reach the kernels only under the interpreter with TF32 allowed (on a GPU: the torch backend).
 _DOT_PRECISION = "tf32"
 # Tensor descriptors (TMA loads on Hopper) in this Triton (3.4+, and the allocator they need).
 _HAS_TENSOR_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
@@ -563,12 +563,28 @@ def _warn_rank_fallback_once() -> None:
                   "the torch backend (same math and dropout mask)", stacklevel=4)
 
 
+@functools.cache
+def _warn_fp32_fallback_once() -> None:
+    warnings.warn("coto_kernels: fp32 activations use the torch backend on a GPU (cuBLAS GEMMs, same math and "
+                  "dropout mask): the Triton fp32 tiles spill; train in bf16/fp16 for the fused kernels", stacklevel=4)
+
+
 def uses_torch_backend(x: Tensor, rank: int) -> bool:
-    """Calls the Triton kernels do not take (see the module docstring): too large a rank, or IEEE fp32."""
+    """Calls the Triton kernels do not take (see the module docstring): too large a rank, or fp32 inputs.
+
+    The interpreter computes every dtype in fp32 (``_compute_dtype``), so there fp32 inputs with TF32 allowed run
+    the same kernel code as 16-bit ones and keep exercising it; IEEE fp32 takes the torch backend everywhere.
+    """
     if rank > MAX_RANK:
         _warn_rank_fallback_once()
         return True
-    return x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    if x.dtype != torch.float32:
+        return False
+    if INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        return False
+    if not INTERPRET:
+        _warn_fp32_fallback_once()
+    return True
 
 
 def _r_block(r: int) -> int:
