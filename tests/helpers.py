@@ -86,3 +86,15 @@ def batch_for(arch: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[st
     if arch in ("bert", "roberta"):
         return {"input_ids": ids, "labels": torch.randint(0, 3, (batch,), generator=generator)}
     return {"input_ids": ids, "labels": ids.clone()}
+
+
+def read_adapter_config(folder) -> dict:
+    """``adapter_config.json`` of a saved adapter, ``target_modules`` sorted: PEFT writes them from a set, whose
+    order varies with the hash seed, so two identical configs can differ byte for byte."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    return config
