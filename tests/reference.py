@@ -129,3 +129,29 @@ def peft_dora(
                                 ("d_lora_bias", "lora_bias"), ("d_magnitude", "magnitude")):
             out[grad_name] = None if d[name] is None else d[name].grad
     return out
+
+
+#: operand name -> name of its gradient in ``peft_dora``'s output.
+DORA_GRAD_NAMES = dict(x="dx", bias="d_bias", lora_a="d_lora_a", lora_b="d_lora_b", lora_bias="d_lora_bias",
+                       magnitude="d_magnitude")
+
+
+def check_dora_layer(t: dict, dtype: torch.dtype, *, backend: str, device: str = "cpu", scaling: float,
+                     dropout_p: float = 0.0, kn: bool = False, seed: int = 3) -> None:
+    """``dora_linear(backend=...)``: y and every gradient against PEFT's formula in float64 (same dropout mask)."""
+    from coto_kernels.functional_dora import dora_linear
+    from coto_kernels.kernels.dropout_mask import dropout_keep_mask
+
+    m, n = t["x"].shape[0], t["lora_b"].shape[0]
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
+    y = dora_linear(*t.values(), scaling=scaling, dropout_p=dropout_p, weight_is_kn=kn, seed=seed, backend=backend)
+    keep = dropout_keep_mask(seed, tuple(t["x"].shape), dropout_p, device) if dropout_p else None
+    ref = peft_dora(*t.values(), scaling=scaling, keep=keep, dropout_p=dropout_p, weight_is_kn=kn, dy=dy)
+    assert y.dtype == t["x"].dtype
+    assert_matches(y, ref["y"], dtype, "y")
+    y.backward(dy)
+    for name, grad_name in DORA_GRAD_NAMES.items():
+        if t[name] is None:
+            continue
+        assert t[name].grad is not None and t[name].grad.dtype == t[name].dtype, name
+        assert_matches(t[name].grad, ref[grad_name], dtype, name)

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 from helpers import batch_for, read_adapter_config, tiny_peft_model
-from reference import TOLERANCE, assert_matches, peft_dora, relative_error
+from reference import TOLERANCE, assert_matches, check_dora_layer, peft_dora, relative_error
 
 import coto_kernels
 from coto_kernels import functional_dora
@@ -35,24 +35,8 @@ def _inputs(m, k, n, r, dtype, *, kn=False, bias=True, lora_bias=False, seed=0):
     )
 
 
-_GRAD_NAMES = dict(x="dx", bias="d_bias", lora_a="d_lora_a", lora_b="d_lora_b", lora_bias="d_lora_bias",
-                   magnitude="d_magnitude")
-
-
 def check_against_peft_math(t, dtype, *, scaling, dropout_p=0.0, kn=False, seed=3):
-    m, n = t["x"].shape[0], t["lora_b"].shape[0]
-    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    y = dora_linear(*t.values(), scaling=scaling, dropout_p=dropout_p, weight_is_kn=kn, seed=seed, backend="torch")
-    keep = dropout_keep_mask(seed, tuple(t["x"].shape), dropout_p, "cpu") if dropout_p else None
-    ref = peft_dora(*t.values(), scaling=scaling, keep=keep, dropout_p=dropout_p, weight_is_kn=kn, dy=dy)
-    assert y.dtype == t["x"].dtype
-    assert_matches(y, ref["y"], dtype, "y")
-    y.backward(dy)
-    for name, grad_name in _GRAD_NAMES.items():
-        if t[name] is None:
-            continue
-        assert t[name].grad is not None and t[name].grad.dtype == t[name].dtype, name
-        assert_matches(t[name].grad, ref[grad_name], dtype, name)
+    check_dora_layer(t, dtype, backend="torch", scaling=scaling, dropout_p=dropout_p, kn=kn, seed=seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -14,19 +14,15 @@ if not torch.cuda.is_available():  # must precede the first triton.jit: the inte
 
 pytest.importorskip("triton")
 
-from reference import assert_matches, peft_dora  # noqa: E402
+from reference import assert_matches, check_dora_layer, peft_dora  # noqa: E402
 
 from coto_kernels.functional_dora import dora_linear  # noqa: E402
 from coto_kernels.kernels import DORA_KERNEL_BACKENDS, load_dora_backend, lora_triton  # noqa: E402
 from coto_kernels.kernels import dora_triton as kernels  # noqa: E402
-from coto_kernels.kernels.dropout_mask import dropout_keep_mask  # noqa: E402
 from coto_kernels.kernels.interface import GradRequest, LoraOptions  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 F32, BF16 = torch.float32, torch.bfloat16
-_GRAD_NAMES = dict(x="dx", bias="d_bias", lora_a="d_lora_a", lora_b="d_lora_b", lora_bias="d_lora_bias",
-                   magnitude="d_magnitude")
-
 
 @pytest.fixture(autouse=True)
 def tf32_on():
@@ -68,18 +64,8 @@ def _dy(t, dtype, seed=3):
 
 def _check_layer(t, dtype, *, scaling=1.7, dropout_p=0.0, kn=False, seed=3):
     """dora_linear(backend="triton"): y and every gradient against PEFT's formula in float64."""
-    dy = _dy(t, dtype, seed)
-    y = dora_linear(*t.values(), scaling=scaling, dropout_p=dropout_p, weight_is_kn=kn, seed=seed, backend="triton")
-    keep = dropout_keep_mask(seed, tuple(t["x"].shape), dropout_p, DEVICE) if dropout_p else None
-    ref = peft_dora(*t.values(), scaling=scaling, keep=keep, dropout_p=dropout_p, weight_is_kn=kn, dy=dy)
-    assert y.dtype == t["x"].dtype
-    assert_matches(y, ref["y"], dtype, "y")
-    y.backward(dy)
-    for name, grad_name in _GRAD_NAMES.items():
-        if t[name] is None:
-            continue
-        assert t[name].grad is not None and t[name].grad.dtype == t[name].dtype, name
-        assert_matches(t[name].grad, ref[grad_name], dtype, name)
+    check_dora_layer(t, dtype, backend="triton", device=DEVICE, scaling=scaling, dropout_p=dropout_p, kn=kn,
+                     seed=seed)
 
 
 def test_triton_is_a_registered_dora_backend():
