@@ -6,14 +6,11 @@ the float64 reference and tolerances are ``reference.py``'s.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from helpers import batch_for, tiny_peft_model
+from helpers import check_patch_matches_peft
 from reference import assert_matches, gated_lora
 
-import coto_kernels
 from coto_kernels.functional import lora_linear, triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -85,22 +82,4 @@ def test_triton_dropout_matches_float64_with_its_own_mask():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_patch_with_triton_backend_matches_peft(arch, cublas_below_m):
-    ref = tiny_peft_model(arch, num_layers=2).to(DEVICE)
-    ours = copy.deepcopy(ref)
-    controller = coto_kernels.patch(ours, backend="triton", seed=0, initial_p=0.0)
-    controller.set_override([True, True])
-    batch = {k: v.to(DEVICE) for k, v in batch_for(arch, batch=2, seq=5).items()}
-    ref_loss = ref(**batch).loss
-    ref_loss.backward()
-    loss = ours(**batch).loss
-    loss.backward()
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
-    for name, param in ours.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(param.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-    # and gated off, the Triton path leaves the adapter alone
-    ours.zero_grad(set_to_none=True)
-    controller.set_override([False, True])
-    ours(**batch).loss.backward()
-    assert all(p.grad is None for n, p in ours.named_parameters() if ".0." in n and "lora_" in n)
+    check_patch_matches_peft(arch, "triton", DEVICE)

@@ -5,16 +5,14 @@ Skipped, with the reason the build recorded, when the extension is not built (``
 
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import batch_for, tiny_peft_model
+from helpers import check_patch_matches_peft
 from reference import TOLERANCE, assert_matches, gated_lora, relative_error
 
-import coto_kernels
 from coto_kernels.functional import lora_linear
 from coto_kernels.kernels import backend_status, dropout_mask
 
@@ -193,24 +191,7 @@ def test_autocast_matches_the_torch_backend():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_patch_with_native_backend_matches_peft(arch):
-    ref = tiny_peft_model(arch, num_layers=2)
-    ours = copy.deepcopy(ref)
-    controller = coto_kernels.patch(ours, backend="native", seed=0, initial_p=0.0)
-    controller.set_override([True, True])
-    batch = batch_for(arch, batch=2, seq=5)
-    ref_loss = ref(**batch).loss
-    ref_loss.backward()
-    loss = ours(**batch).loss
-    loss.backward()
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
-    for name, param in ours.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(param.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-    ours.zero_grad(set_to_none=True)
-    controller.set_override([False, True])
-    ours(**batch).loss.backward()
-    assert all(p.grad is None for n, p in ours.named_parameters() if ".0." in n and "lora_" in n)
+    check_patch_matches_peft(arch, "native", "cpu")
 
 
 def test_fake_kernels_agree_with_the_real_ones():
