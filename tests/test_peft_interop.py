@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from helpers import batch_for, tiny_model, tiny_peft_model
-from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from torch import nn
 
 import coto_kernels
@@ -52,7 +52,8 @@ def coto_hooks(model) -> list[tuple[str, object]]:
     found = []
     for name, module in model.named_modules():
         found += [(name, h) for h in module._forward_pre_hooks.values() if h is checkpointing.input_grad_pre_hook]
-        found += [(name, h) for h in module._forward_pre_hooks.values() if type(h).__name__ == "TrainingGuard"]
+        found += [(name, h) for h in module._forward_pre_hooks.values()
+                  if type(h).__name__ in ("TrainingGuard", "NewLayerWatch")]
         found += [(name, key) for key in module.__dict__ if key.startswith("_coto") or key == CONTROLLER_KEY]
         found += [(name, key) for key in ("enable_input_require_grads", "disable_input_require_grads",
                                           "merge_and_unload", "unload", "inject_adapter") if key in module.__dict__]
@@ -291,6 +292,60 @@ def test_add_adapter_after_patch_gates_the_new_layers():
             assert (grad is not None) == (".layers.1." in name), name
     coto_kernels.unpatch(model)
     assert not any(isinstance(m, CoToLayerMixin) for m in model.modules())
+
+
+def _plain_lora_module(targets: list[str], adapter_name: str = "default") -> nn.Module:
+    """A plain (not PeftModel) module holding LoRA layers injected by ``peft.inject_adapter_in_model``."""
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(nn.ModuleDict({"q": nn.Linear(8, 8), "k": nn.Linear(8, 8)}) for _ in range(3))
+    model = nn.Sequential()
+    model.layers = blocks
+    model.forward = lambda x: _run_blocks(blocks, x)
+    return inject_adapter_in_model(LoraConfig(r=2, target_modules=targets, init_lora_weights=False), model,
+                                   adapter_name=adapter_name)
+
+
+def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = block["k"](block["q"](x))
+    return x
+
+
+def test_inject_adapter_in_model_after_patch_gates_the_new_layers_at_the_next_step():
+    model = _plain_lora_module(["q"])
+    controller = patch_quietly(model, seed=0, schedule="off", granularity="layer")
+    before = set(controller.layer_names)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["k"], init_lora_weights=False), model)
+    model.train()
+    model(torch.randn(4, 8)).sum().backward()  # first training forward after patch: the watch walks the model
+    added = set(controller.layer_names) - before
+    assert added == {f"layers.{i}.k" for i in range(3)}
+    assert all(isinstance(model.get_submodule(name), CoToLayerMixin) for name in added)
+    controller.set_override({group: group.endswith(".1") for group in controller.groups})
+    for p in model.parameters():
+        p.grad = None
+    model(torch.randn(4, 8)).sum().backward()
+    for name, p in model.named_parameters():
+        if "lora_" in name:  # the injected k layers follow their block's gate like the patched q layers
+            assert (p.grad is not None) == name.startswith("layers.1."), name
+    coto_kernels.unpatch(model)
+    assert coto_hooks(model) == []
+    assert not any(isinstance(m, CoToLayerMixin) for m in model.modules())
+
+
+def test_new_layer_watch_walks_once_per_step():
+    model = _plain_lora_module(["q"])
+    controller = patch_quietly(model, seed=0, schedule="off", total_steps=4)
+    model.train()
+    model(torch.randn(2, 8))
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["k"]), model)
+    model(torch.randn(2, 8))  # same step: not walked again
+    assert not any(name.endswith(".k") for name in controller.layer_names)
+    with torch.no_grad():
+        model(torch.randn(2, 8))  # no grad: no walk either
+    controller.step()
+    model(torch.randn(2, 8))
+    assert sum(name.endswith(".k") for name in controller.layer_names) == 3
 
 
 def test_load_adapter_after_patch_gates_the_new_layers(tmp_path):

@@ -83,7 +83,8 @@ def peft_tests(cache: Path) -> Path:
     return folder
 
 
-def run_mode(source: Path, mode: str, selection: dict[str, str | None], out: Path, extra: list[str]) -> dict:
+def run_mode(source: Path, mode: str, selection: dict[str, str | None], out: Path, extra: list[str],
+             jobs: int) -> dict:
     """One pytest run of the selected tests under ``mode``; returns {nodeid: record} (worst phase kept)."""
     records = out / f"outcomes-{mode}.jsonl"
     records.unlink(missing_ok=True)
@@ -98,8 +99,11 @@ def run_mode(source: Path, mode: str, selection: dict[str, str | None], out: Pat
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
+    # pytest-xdist workers load the plugin too (-p travels with the arguments) and append to the same records
+    # file, one short line per write (O_APPEND), so the outcomes are the same as in one process.
+    workers = ["-n", str(jobs)] if jobs > 1 else []
     cmd = [sys.executable, "-m", "pytest", "-c", str(ini), "--rootdir", str(source), "-p", "coto_peft_plugin",
-           "-q", "-p", "no:randomly", *extra, *selection]
+           "-q", "-p", "no:randomly", *workers, *extra, *selection]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=source, env=env, check=False)
     print(f"[peer] mode {mode}: {time.perf_counter() - start:.0f} s", flush=True)
@@ -131,12 +135,16 @@ def main() -> int:
     parser.add_argument("--cache", default=str(CACHE), help="where the peft source distribution is kept")
     parser.add_argument("--only", nargs="+", default=None, metavar="FILE",
                         help="restrict the selection to these test files (e.g. test_mixed.py)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="pytest-xdist worker processes, one thread each (default: the CPU count; 1: no xdist)")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (e.g. -x, -k EXPR)")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES[1:]))
     if unknown:
         parser.error(f"--modes takes {MODES[1:]}, got {unknown}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
 
     from compare import compare, write_report
 
@@ -149,7 +157,7 @@ def main() -> int:
             parser.error(f"--only {args.only} matches none of {names}")
     out = Path(args.out) / ("fast" if args.fast else "full")
     out.mkdir(parents=True, exist_ok=True)
-    results = {mode: run_mode(source, mode, selection, out, args.pytest_args) for mode in ("none", *modes)}
+    results = {mode: run_mode(source, mode, selection, out, args.pytest_args, args.jobs) for mode in ("none", *modes)}
     comparisons = {mode: compare(results["none"], results[mode], mode) for mode in modes}
     report = write_report(out, importlib.metadata.version("peft"), results, comparisons,
                           selection={k: v for k, v in selection.items()})
