@@ -119,9 +119,13 @@ class Runner:
         self.step_times: list[float] = []
         self.active: list[float] = []
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> None:
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of this mode (the floor runs the frozen base: adapters disabled)."""
         with self.model.disable_adapter() if self.mode == "floor" else nullcontext():
-            loss = self.model(**batch).loss
+            return self.model(**batch).loss
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> None:
+        loss = self.loss(batch)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -140,7 +144,7 @@ def measure_memory(runner: Runner, batch: dict[str, torch.Tensor], device: torch
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) / 2**20
     with saved_activation_meter(runner.model) as total:
-        loss = runner.model(**batch).loss
+        loss = runner.loss(batch)
     loss.backward()
     runner.model.zero_grad(set_to_none=True)
     return total[0] / 2**20

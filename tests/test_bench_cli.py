@@ -19,6 +19,8 @@ def test_bench_cli_writes_json_markdown(tmp_path, capsys):
     assert by_mode["coto-p0.1"]["mean_active_fraction"] < 1.0
     assert by_mode["floor"]["step_vs_floor"] == 1.0 and by_mode["floor"]["mean_active_fraction"] == 0.0
     assert by_mode["vanilla"]["step_vs_floor"] > 0.0
+    # the floor's memory pass runs the frozen base too (it measured vanilla PEFT's forward before)
+    assert by_mode["floor"]["memory_mb"] < by_mode["coto-p1"]["memory_mb"] < by_mode["vanilla"]["memory_mb"]
     assert all(len(times) == 2 for times in report["step_times"].values())
     assert (tmp_path / json_path.name.replace(".json", ".md")).read_text().count("| coto-") == 4
     assert "throughput vs vanilla" in capsys.readouterr().out
