@@ -1,6 +1,7 @@
 // The dropout mask of the LoRA path, bit-identical to coto_kernels/kernels/dropout_mask.py (its docstring is
-// the definition): keep[i] = h(seed, i mod 2**32) >= t, t = round(p * 2**32) - 2**31, with h an int32
-// counter-based hash (MurmurHash3's fmix32 without its last xor-shift). Plain C++ and CUDA (host and device).
+// the definition and says why it has this shape): element (m, k) is kept when 15 bits of
+// pair(m, k >> 1) = (row(m) ^ col(k >> 1)) * C are >= t = round(p * 2**15); row() and col() are keyed by the
+// seed. Plain C++ and CUDA (host and device).
 #pragma once
 
 #include <stdint.h>
@@ -31,24 +32,35 @@ COTO_HD MaskKeys mask_keys(int64_t seed) {
   return keys;
 }
 
-// h(seed, i) as an int32; `index` is the flat row-major element index taken modulo 2**32.
-COTO_HD int32_t mask_hash(uint32_t index, MaskKeys keys) {
-  uint32_t h = ((index * 0x9E3779B1u) ^ keys.k1) + keys.k0;
+// row(m), col(w) and pair(m, w) of the definition; element (m, k) reads half k & 1 of pair(m, k >> 1).
+COTO_HD uint32_t row_key(uint32_t row, MaskKeys keys) {
+  uint32_t h = row * 0x9E3779B1u + keys.k0;
+  h ^= h >> 15;
+  return h * 0x85EBCA6Bu;
+}
+
+COTO_HD uint32_t column_key(uint32_t pair_column, MaskKeys keys) {
+  uint32_t h = pair_column * 0x85EBCA77u + keys.k1;
   h ^= h >> 16;
   h *= 0x85EBCA6Bu;
   h ^= h >> 13;
   h *= 0xC2B2AE35u;
-  return static_cast<int32_t>(h);
+  return h ^ (h >> 16);
 }
 
-// t = round(p * 2**32) - 2**31 with Python's round-half-even (p * 2**32 is exact in double). Returned as int64:
-// it equals 2**31 (nothing kept, not representable in int32) only for p within 2**-33 of 1, which callers reject.
-inline int64_t keep_threshold(double dropout_p) {
-  return static_cast<int64_t>(std::nearbyint(dropout_p * 4294967296.0)) - 2147483648LL;
+COTO_HD uint32_t pair_hash(uint32_t row, uint32_t column) { return (row ^ column) * 0x27D4EB2Fu; }
+
+// The 15 bits of `pair` that decide column k (its half: k & 1), compared with the threshold.
+COTO_HD bool keep_half(uint32_t pair, uint32_t column, int32_t threshold) {
+  return static_cast<int32_t>((pair >> ((column & 1u) * 16u)) & 0x7FFFu) >= threshold;
 }
 
-COTO_HD bool keep(uint32_t index, MaskKeys keys, int32_t threshold) {
-  return mask_hash(index, keys) >= threshold;
+// t = round(p * 2**15) with Python's round-half-even (p * 2**15 is exact in double); p in [0, 1).
+inline int32_t keep_threshold(double dropout_p) { return static_cast<int32_t>(std::nearbyint(dropout_p * 32768.0)); }
+
+COTO_HD bool keep(int64_t row, int64_t column, MaskKeys keys, int32_t threshold) {
+  const uint32_t k = static_cast<uint32_t>(column);
+  return keep_half(pair_hash(row_key(static_cast<uint32_t>(row), keys), column_key(k >> 1, keys)), k, threshold);
 }
 
 }  // namespace coto

@@ -36,14 +36,12 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
 
-// keep(m, k) * scale: the flat row-major index (m * K + k) modulo 2**32 is what the mask definition hashes.
-__device__ __forceinline__ float keep_factor(int64_t m, int64_t k, int64_t K, const coto_dropout& d) {
-  const uint32_t index = static_cast<uint32_t>(static_cast<uint64_t>(m) * static_cast<uint64_t>(K) +
-                                               static_cast<uint64_t>(k));
+// keep(m, k) * scale (coto_mask.h: the mask depends on the row and column only, not on K).
+__device__ __forceinline__ float keep_factor(int64_t m, int64_t k, const coto_dropout& d) {
   coto::MaskKeys keys;
   keys.k0 = d.k0;
   keys.k1 = d.k1;
-  return coto::keep(index, keys, d.threshold) ? d.scale : 0.0f;
+  return coto::keep(m, k, keys, d.threshold) ? d.scale : 0.0f;
 }
 
 // ---- out[M, J] = alpha * drop(X)[M, K] W[J, K]^T -------------------------------------------------------------
@@ -69,7 +67,7 @@ __global__ void __launch_bounds__(kThreads) rows_times_wt(const T* __restrict__ 
       float v = 0.0f;
       if (m < M && k < K) {
         v = to_float(x[m * ldx + k]);
-        if (kDropout) v *= keep_factor(m, k, K, d);
+        if (kDropout) v *= keep_factor(m, k, d);
       }
       xs[row][col] = v;
     }
@@ -121,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) gt_times_rows(const float* __restric
       float v = 0.0f;
       if (m < m_end && k < K) {
         v = to_float(x[m * ldx + k]);
-        if (kDropout) v *= keep_factor(m, k, K, d);
+        if (kDropout) v *= keep_factor(m, k, d);
       }
       xs[row][col] = v;
     }
@@ -194,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) add_masked_g_times_w(T* __restrict__
     for (int c = 0; c < 4; ++c) {
       const int64_t m = m0 + tm * 4 + i, k = k0 + tk + 16 * c;
       if (m < M && k < K) {
-        const float f = kDropout ? keep_factor(m, k, K, d) : 1.0f;
+        const float f = kDropout ? keep_factor(m, k, d) : 1.0f;
         T* p = dx + m * lddx + k;
         *p = from_float<T>(to_float(*p) + f * acc[i][c]);
       }
@@ -207,7 +205,7 @@ __global__ void __launch_bounds__(kThreads) keep_mask_kernel(uint8_t* __restrict
   const int64_t total = M * K;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * kThreads) {
-    mask[e] = d.dropout ? (keep_factor(e / K, e % K, K, d) != 0.0f) : 1;
+    mask[e] = d.dropout ? (keep_factor(e / K, e % K, d) != 0.0f) : 1;
   }
 }
 

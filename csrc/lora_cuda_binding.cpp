@@ -33,10 +33,8 @@ int dtype_code(const Tensor& t) {
 
 coto_dropout make_dropout(int64_t seed, double p) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "coto_kernels_native: dropout_p must lie in [0, 1), got ", p);
-  const int64_t threshold = coto::keep_threshold(p);
-  TORCH_CHECK(threshold < 2147483648LL, "coto_kernels_native: dropout_p ", p, " rounds to 1 on the 2**-32 grid");
   const coto::MaskKeys keys = coto::mask_keys(seed);
-  return coto_dropout{p > 0.0 ? 1 : 0, keys.k0, keys.k1, static_cast<int32_t>(threshold),
+  return coto_dropout{p > 0.0 ? 1 : 0, keys.k0, keys.k1, coto::keep_threshold(p),
                       static_cast<float>(1.0 / (1.0 - p))};
 }
 

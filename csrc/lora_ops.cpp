@@ -59,44 +59,47 @@ struct Dropout {
   int32_t threshold;
   bool on;
   float scale;  // 1 / (1 - p)
+  // col(k >> 1) for every column k of X (each pair's key twice), computed once per call and shared by all rows:
+  // the per-element work is then one xor, one multiply, one variable shift and the compare (vectorised).
+  std::vector<uint32_t> column_keys;
 };
 
-Dropout make_dropout(int64_t seed, double p) {
+Dropout make_dropout(int64_t seed, double p, int64_t columns) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "coto_kernels_native: dropout_p must lie in [0, 1), got ", p);
-  const int64_t threshold = keep_threshold(p);
-  TORCH_CHECK(threshold < 2147483648LL, "coto_kernels_native: dropout_p ", p, " rounds to 1 on the 2**-32 grid");
-  return Dropout{mask_keys(seed), static_cast<int32_t>(threshold), p > 0.0, static_cast<float>(1.0 / (1.0 - p))};
+  Dropout d{mask_keys(seed), keep_threshold(p), p > 0.0, static_cast<float>(1.0 / (1.0 - p)), {}};
+  if (d.on) {
+    d.column_keys.resize(static_cast<size_t>(columns));
+    for (int64_t k = 0; k < columns; ++k) d.column_keys[k] = column_key(static_cast<uint32_t>(k) >> 1, d.keys);
+  }
+  return d;
 }
 
-// Flat row-major index of (row, 0) modulo 2**32, as the mask definition reads it.
-inline uint32_t row_index(int64_t row, int64_t cols) {
-  return static_cast<uint32_t>(static_cast<uint64_t>(row) * static_cast<uint64_t>(cols));
-}
-
-// out[k] = keep * x[k] * scale (the dropped row chunk in fp32) and, when factor != nullptr, factor[k] = keep * scale.
-// The dropout fields are copied into locals so the compiler knows the float stores cannot change them (the loop
-// then vectorises: 8 hashes per AVX2 instruction sequence).
+// out[k] = keep * x[k] * scale for columns [k0, k0 + n) of row `row` (the dropped row chunk in fp32) and, when
+// factor != nullptr, factor[k] = keep * scale. The dropout fields are copied into locals so the compiler knows
+// the float stores cannot change them (the loop then vectorises: 8 lanes per AVX2 instruction sequence).
 template <typename T>
-COTO_INLINE void dropped_chunk(const T* __restrict__ x, int64_t n, uint32_t index0, const Dropout& d,
+COTO_INLINE void dropped_chunk(const T* __restrict__ x, int64_t n, int64_t row, int64_t k0, const Dropout& d,
                           float* __restrict__ out, float* __restrict__ factor) {
   if (!d.on) {
     for (int64_t k = 0; k < n; ++k) out[k] = static_cast<float>(x[k]);
     if (factor != nullptr) std::fill(factor, factor + n, 1.0f);
     return;
   }
-  const MaskKeys keys = d.keys;
+  const uint32_t row_hash = row_key(static_cast<uint32_t>(row), d.keys);
+  const uint32_t* __restrict__ columns = d.column_keys.data() + k0;
+  const uint32_t parity = static_cast<uint32_t>(k0);
   const int32_t threshold = d.threshold;
   const float scale = d.scale;
   const uint32_t count = static_cast<uint32_t>(n);
   if (factor == nullptr) {
     for (uint32_t k = 0; k < count; ++k) {
       const float value = static_cast<float>(x[k]);  // loaded unconditionally, so the loop vectorises
-      out[k] = value * (mask_hash(index0 + k, keys) >= threshold ? scale : 0.0f);
+      out[k] = value * (keep_half(pair_hash(row_hash, columns[k]), parity + k, threshold) ? scale : 0.0f);
     }
     return;
   }
   for (uint32_t k = 0; k < count; ++k) {
-    const float f = mask_hash(index0 + k, keys) >= threshold ? scale : 0.0f;
+    const float f = keep_half(pair_hash(row_hash, columns[k]), parity + k, threshold) ? scale : 0.0f;
     factor[k] = f;
     out[k] = static_cast<float>(x[k]) * f;
   }
@@ -153,7 +156,7 @@ COTO_CLONES void down_block(const T* x, int64_t ldx, int64_t row0, int64_t rows,
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     const int64_t n = std::min(kChunk, K - k0), nvu = round_up8(n);
     for (int64_t i = 0; i < rows; ++i) {
-      dropped_chunk(x + (row0 + i) * ldx + k0, n, row_index(row0 + i, K) + static_cast<uint32_t>(k0), d, xd[i],
+      dropped_chunk(x + (row0 + i) * ldx + k0, n, row0 + i, k0, d, xd[i],
                     nullptr);
       std::fill(xd[i] + n, xd[i] + nvu, 0.0f);
     }
@@ -203,7 +206,7 @@ Tensor lora_down_cpu(const Tensor& x_in, const Tensor& a_in, int64_t seed, doubl
   check_2d(a_in, "lora_a");
   TORCH_CHECK(x_in.size(1) == a_in.size(1), "coto_kernels_native.lora_down: x ", x_in.sizes(), " and lora_a ",
               a_in.sizes(), " disagree on K");
-  const Dropout d = make_dropout(seed, dropout_p);
+  const Dropout d = make_dropout(seed, dropout_p, x_in.size(1));
   const Tensor x = unit_col_stride(x_in);
   const Tensor a = padded_columns(a_in);
   const int64_t M = x.size(0), K = x.size(1), r = a.size(0), Kp = a.size(1);
@@ -350,7 +353,7 @@ COTO_CLONES void dx_da_block(T* dx, int64_t lddx, const T* x, int64_t ldx, int64
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     const int64_t n = std::min(kChunk, K - k0), nvu = round_up8(n);
     for (int64_t i = 0; i < rows; ++i) {
-      dropped_chunk(x + (row0 + i) * ldx + k0, n, row_index(row0 + i, K) + static_cast<uint32_t>(k0), d, xd[i],
+      dropped_chunk(x + (row0 + i) * ldx + k0, n, row0 + i, k0, d, xd[i],
                     factor[i]);
       std::fill(xd[i] + n, xd[i] + nvu, 0.0f);
     }
@@ -403,7 +406,7 @@ Tensor lora_dx_da_cpu(const std::optional<Tensor>& dx_opt, const Tensor& x_in, c
   TORCH_CHECK(x_in.size(0) == ds_in.size(0) && x_in.size(1) == a_in.size(1) && ds_in.size(1) == a_in.size(0),
               "coto_kernels_native.lora_dx_da: x ", x_in.sizes(), ", ds ", ds_in.sizes(), " and lora_a ",
               a_in.sizes(), " do not fit together");
-  const Dropout d = make_dropout(seed, dropout_p);
+  const Dropout d = make_dropout(seed, dropout_p, x_in.size(1));
   const Tensor x = unit_col_stride(x_in);
   const Tensor ds = padded_rows(ds_in);
   const Tensor a = padded_columns(a_in);
@@ -442,16 +445,13 @@ Tensor lora_dx_da_cpu(const std::optional<Tensor>& dx_opt, const Tensor& x_in, c
 // The keep mask itself (bool, x's shape): for tests and references; the ops above never materialise it.
 Tensor keep_mask_cpu(const Tensor& x, int64_t seed, double dropout_p) {
   check_2d(x, "x");
-  const Dropout d = make_dropout(seed, dropout_p);
+  const Dropout d = make_dropout(seed, dropout_p, 0);  // keep() hashes the column keys itself
   const int64_t M = x.size(0), K = x.size(1);
   Tensor mask = at::empty({M, K}, x.options().dtype(at::kBool));
   bool* out = mask.mutable_data_ptr<bool>();
   at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      const uint32_t index0 = row_index(m, K);
-      for (int64_t k = 0; k < K; ++k) {
-        out[m * K + k] = !d.on || keep(index0 + static_cast<uint32_t>(k), d.keys, d.threshold);
-      }
+      for (int64_t k = 0; k < K; ++k) out[m * K + k] = !d.on || keep(m, k, d.keys, d.threshold);
     }
   });
   return mask;

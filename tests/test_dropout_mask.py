@@ -11,7 +11,7 @@ import torch
 
 from coto_kernels.kernels import dropout_mask
 
-SHAPE = (1000, 1001)  # ~1e6 elements; odd K so row and column neighbours differ by K in the flat index
+SHAPE = (1000, 1001)  # ~1e6 elements; odd K: the last column is half a pair
 N = SHAPE[0] * SHAPE[1]
 SEEDS = (0, 1, 2**31 - 1, 2**40 + 7, 2**63 - 1)
 
@@ -56,13 +56,38 @@ def test_different_seeds_give_independent_masks():
         assert abs(_corr(a[1:], b[:-1])) < bound, (s1, s2, "shift one row")
 
 
-def test_mask_depends_on_the_flat_index_only():
-    """keep[m, k] is a function of m*K + k: the same elements in any 2-D shape, and a row block is a prefix."""
+def test_mask_depends_on_row_and_column_only():
+    """keep[m, k] is a function of (seed, m, k): the same for any K, and a row block is a prefix."""
     full = _mask(9, 0.3, (48, 50))
-    assert torch.equal(full.flatten(), _mask(9, 0.3, (1, 2400)).flatten())
-    assert torch.equal(full.flatten(), _mask(9, 0.3, (75, 32)).flatten())
+    assert torch.equal(full[:, :31], _mask(9, 0.3, (48, 31)))
     assert torch.equal(full[:5], _mask(9, 0.3, (5, 50)))
     assert _mask(9, 0.0, (48, 50)).all()
+
+
+def test_rectangle_corners_are_not_determined():
+    """row(m) ^ col(w) of the four corners of a rectangle xor to zero; pair()'s multiply must hide that: at
+    p = 0.5 (the threshold reads one bit) the xor of the corners' decisions is a fair coin."""
+    keep = _mask(3, 0.5).long()
+    corners = keep[:-1, :-2] ^ keep[1:, :-2] ^ keep[:-1, 2:] ^ keep[1:, 2:]  # columns k and k+2: same half
+    n = corners.numel()
+    assert abs(corners.double().mean().item() - 0.5) < 4 * math.sqrt(0.25 / n)
+
+
+def _swar_keep_words(h: int, threshold: int) -> int:
+    """The kernels' word-wise test (lora_triton._keep_words), on Python ints."""
+    flags = (((h | 0x80008000) - threshold * 0x10001) & 0xFFFFFFFF) & 0x80008000
+    return flags | (flags - (flags >> 15))
+
+
+def test_swar_word_test_equals_the_per_half_definition():
+    generator = torch.Generator().manual_seed(0)
+    words = torch.randint(0, 2**32, (4000,), generator=generator, dtype=torch.int64).tolist()
+    words += [0, 0xFFFFFFFF, 0x7FFF7FFF, 0x80008000, 0x00007FFF, 0x7FFF0000]
+    for p in (0.0, 0.05, 0.1, 0.5, 0.999):
+        t = dropout_mask.keep_threshold(p)
+        for h in words:
+            want = (0xFFFF if (h & 0x7FFF) >= t else 0) | (0xFFFF0000 if ((h >> 16) & 0x7FFF) >= t else 0)
+            assert _swar_keep_words(h, t) == want, (hex(h), p)
 
 
 # The Triton kernels' copy (CPU interpreter without a GPU): bit for bit, several seeds, odd shapes.

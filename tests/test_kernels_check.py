@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -176,6 +178,16 @@ def test_problems_flags_each_violation_and_passes_a_clean_compile():
     assert "shared memory" in kc.problems(_job("sm_80"), _result(smem=200 * 1024))[0]
     assert "register file" in kc.problems(_job(warps=16), _result(regs=255))[0]
     assert kc.problems(_job(), {"error": "CompilationError: boom"}) == ["compile error: CompilationError: boom"]
+
+
+def test_problems_flags_an_s_or_da_loop_over_eight_instructions_per_element():
+    x_pass = SimpleNamespace(__name__="_lora_x_pass_kernel")
+    config = {"LORA_DROPOUT": True, "BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4}  # 64 elements per thread
+    job = dataclasses.replace(_job(), kernel=x_pass, config=config)
+    assert kc.problems(job, _result(loop_instructions=512)) == []  # 8.0
+    assert "per element > 8" in kc.problems(job, _result(loop_instructions=520))[0]
+    assert kc.problems(dataclasses.replace(job, config={**config, "LORA_DROPOUT": False}),
+                       _result(loop_instructions=520)) == []  # the target is for the dropout loops
 
 
 def test_shared_memory_limits_are_the_opt_in_maxima():

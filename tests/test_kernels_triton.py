@@ -124,6 +124,16 @@ def test_matches_reference(shape, dtype, adapter_dtype, p, bias, lora_bias, kn, 
     _check(t, out, _reference(t, kn, scaling, gate, p, keep), dtype, adapter_dtype, gate)
 
 
+def test_skinny_passes_read_16bit_x_as_pairs_only_where_words_line_up():
+    x = torch.zeros(8, 64, dtype=BF16)
+    assert lora_triton.pairs_in_words(x) and lora_triton.pairs_in_words(x.half())
+    assert not lora_triton.pairs_in_words(x.float())  # 32-bit elements: no pairs
+    assert not lora_triton.pairs_in_words(x[:, :63])  # odd K: the last pair is half outside X
+    assert not lora_triton.pairs_in_words(x[:, 1:])  # odd storage offset: words would straddle pairs
+    assert not lora_triton.pairs_in_words(x.t())  # column stride 64
+    assert not lora_triton.pairs_in_words(torch.zeros(8, 65, dtype=BF16)[:, :64])  # odd row stride
+
+
 def test_gate_off_launches_no_lora_kernel(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a LoRA kernel was launched with the gate off")
@@ -424,6 +434,7 @@ def test_dropout_mask():
     a = lora_triton.dropout_keep_mask(42, (m, k), 0.5, DEVICE)
     assert torch.equal(a, lora_triton.dropout_keep_mask(42, (m, k), 0.5, DEVICE))
     assert not torch.equal(a, lora_triton.dropout_keep_mask(43, (m, k), 0.5, DEVICE))
-    # Element (m, k) depends on m * K + k only, so a sub-block of rows matches the full mask.
+    # Element (m, k) depends on (m, k) only, so a block of rows or columns matches the full mask.
     assert torch.equal(a[:10], lora_triton.dropout_keep_mask(42, (10, k), 0.5, DEVICE))
+    assert torch.equal(a[:, :7], lora_triton.dropout_keep_mask(42, (m, 7), 0.5, DEVICE))
     assert lora_triton.dropout_keep_mask(42, (m, k), 0.0, DEVICE).all()

@@ -15,12 +15,16 @@ optionally stored) and A_COL_SCALE (the A operand scaled along K as it is loaded
 pass's HAS_COL_SCALE / COMPUTE_DY_COLSUM / COMPUTE_DM (dS, dB, colsum of c * dY, plus colsum(dY) and
 sum_rows(dY * saved output) from the same tiles).
 
-The dropout mask is ``coto_kernels.kernels.dropout_mask``'s hash of (seed, m*K + k), regenerated in the S pass,
-the dX accumulator seed and the dA pass (never stored). The host derives the seed keys and the threshold once
-per call; in-kernel, i*golden is split into a per-row and a per-column part so each element costs one add
-before the mixing. Compiled for sm_90 (bf16, r 16, 64x128 tiles, 4 warps) the S loop runs 17.0 SASS instructions
-per element of X with dropout and 2.3 without, the dA loop 15.5 and 3.2 (Philox ``tl.rand`` was ~59); a variant
-hashing once per pair of elements (16-bit thresholds) measured 14.3, too little to justify another definition.
+The dropout mask is ``coto_kernels.kernels.dropout_mask``'s hash of (seed, row, column pair), regenerated in the
+S pass, the dX accumulator seed and the dA pass (never stored). The host derives the seed keys and the threshold
+once per call. The skinny passes read 16-bit X with unit column stride as 32-bit words (``pairs_in_words``):
+per tile, one key per row and one per column pair, then per word one xor and one multiply (the pair hash) and a
+SWAR test of both halves that yields the AND-mask of the word (``_keep_words``), so the masked word is never
+split for the select. Compiled for sm_90 (bf16, r 16, 64x128 tiles, 4 warps) the S loop runs 7.5 SASS
+instructions per element of X with dropout and 2.3 without, the dA loop 7.8 and 3.2 (``make kernels-check``
+reports every rank and target). The previous mask, an fmix32 of the flat index per element, cost 17.0 / 15.5
+there (the select and the re-packing of bf16 pairs after it were a third of that); Philox ``tl.rand`` was ~59.
+Elsewhere (the GEMM's dX seed, 32-bit or strided X) the same definition runs element by element.
 
 Dispatch (host side):
 
@@ -63,7 +67,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import lora_torch
-from .dropout_mask import FMIX, GOLDEN, keep_threshold, seed_keys
+from .dropout_mask import COLUMN_MULT, FMIX, GOLDEN, HALF_BITS, PAIR_MIX, keep_threshold, seed_keys
 from .interface import GradRequest, LoraGrads, LoraOptions, weight_nk
 
 # Under the interpreter bf16 tensors are raw bits, so every loaded tile is upcast to fp32 before any arithmetic;
@@ -88,10 +92,14 @@ _HAS_TENSOR_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor") and hasattr(trit
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _U32 = 0xFFFFFFFF
 _GOLDEN_U32 = tl.constexpr(GOLDEN & _U32)
+_COLUMN_MULT_U32 = tl.constexpr(COLUMN_MULT & _U32)
 _FMIX0_U32 = tl.constexpr(FMIX[0] & _U32)
 _FMIX1_U32 = tl.constexpr(FMIX[1] & _U32)
+_PAIR_MIX_U32 = tl.constexpr(PAIR_MIX & _U32)
+_HALF_MASK = tl.constexpr((1 << HALF_BITS) - 1)  # the bits of a half-word the threshold reads
+_FLAG_BITS = tl.constexpr(0x80008000)  # bit 15 of each half-word
 # Arguments that change with the batch or the seed: never specialized (no recompile per token count or seed).
-_RUNTIME_ARGS = ["M", "blocks_per_split", "mask_key0", "mask_key1", "mask_threshold", "mask_row_step"]
+_RUNTIME_ARGS = ["M", "blocks_per_split", "mask_key0", "mask_key1", "mask_threshold"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -106,31 +114,72 @@ def _offsets(block, BLOCK: tl.constexpr, INT64_OFFSETS: tl.constexpr):
 
 
 @triton.jit
-def _keep_mask(offs_m, offs_k, mask_key0, mask_key1, mask_threshold, mask_row_step):
-    """keep[m, k] of ``dropout_mask`` for a [len(offs_m), len(offs_k)] tile of X (row width K).
-
-    i * golden with i = m * K + k (mod 2**32) is split as m * mask_row_step + k * golden, mask_row_step =
-    K * golden precomputed: a per-row and a per-column vector, one add per element. uint32 arithmetic wraps
-    like the definition's int32 and its >> is the logical shift.
-    """
-    row = offs_m.to(tl.uint32) * mask_row_step.to(tl.uint32, bitcast=True)
-    col = offs_k.to(tl.uint32) * _GOLDEN_U32
-    h = (row[:, None] + col[None, :]) ^ mask_key1.to(tl.uint32, bitcast=True)
-    h += mask_key0.to(tl.uint32, bitcast=True)
-    h = (h ^ (h >> 16)) * _FMIX0_U32
-    h = (h ^ (h >> 13)) * _FMIX1_U32
-    return h.to(tl.int32, bitcast=True) >= mask_threshold
+def _mask_row_keys(offs_m, mask_key0):
+    """row(m) of ``dropout_mask`` (uint32) for a vector of rows."""
+    h = offs_m.to(tl.uint32) * _GOLDEN_U32 + mask_key0.to(tl.uint32, bitcast=True)
+    return (h ^ (h >> 15)) * _FMIX0_U32
 
 
 @triton.jit
-def _load_kept_x(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk,
-                 mask_key0, mask_key1, mask_threshold, mask_row_step,
-                 LORA_DROPOUT: tl.constexpr, CDT: tl.constexpr):
-    """keep * X for a tile, zero outside X; callers apply 1/(1-p) to their fp32 sums."""
+def _mask_column_keys(offs_w, mask_key1):
+    """col(w) of ``dropout_mask`` (uint32, MurmurHash3's fmix32) for a vector of column pairs."""
+    h = offs_w.to(tl.uint32) * _COLUMN_MULT_U32 + mask_key1.to(tl.uint32, bitcast=True)
+    h = (h ^ (h >> 16)) * _FMIX0_U32
+    h = (h ^ (h >> 13)) * _FMIX1_U32
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _pair_hash(row_keys, column_keys):
+    """pair(m, w) for every (row, column pair) of a tile: [len(row_keys), len(column_keys)] uint32."""
+    return (row_keys[:, None] ^ column_keys[None, :]) * _PAIR_MIX_U32
+
+
+@triton.jit
+def _keep_mask(offs_m, offs_k, mask_key0, mask_key1, mask_threshold):
+    """keep[m, k] of ``dropout_mask`` for a [len(offs_m), len(offs_k)] tile, one element at a time."""
+    h = _pair_hash(_mask_row_keys(offs_m, mask_key0), _mask_column_keys(offs_k >> 1, mask_key1))
+    half = (h >> ((offs_k & 1) * 16).to(tl.uint32)[None, :]) & _HALF_MASK
+    return half.to(tl.int32) >= mask_threshold
+
+
+@triton.jit
+def _keep_words(offs_m, offs_w, mask_key0, mask_key1, mask_threshold):
+    """The keep mask of a tile of packed 16-bit pairs as AND-masks: 0xFFFF in each kept half-word.
+
+    SWAR: with bit 15 of each half forced to 1, (h | F) - (t | t << 16) keeps bit 15 of a half exactly when
+    that half's low 15 bits are >= t (no borrow crosses halves: t <= 2**15); flags | (flags - (flags >> 15))
+    widens each flag bit into its half. 9 integer instructions per pair after the per-row/column keys.
+    """
+    h = _pair_hash(_mask_row_keys(offs_m, mask_key0), _mask_column_keys(offs_w, mask_key1))
+    pair_threshold = mask_threshold.to(tl.uint32, bitcast=True) * 0x10001
+    flags = ((h | _FLAG_BITS) - pair_threshold) & _FLAG_BITS
+    return flags | (flags - (flags >> 15))
+
+
+@triton.jit
+def _load_kept_x(x_ptr, offs_m, k_block, M, K, stride_xm, stride_xk,
+                 mask_key0, mask_key1, mask_threshold, INT64_OFFSETS: tl.constexpr, BLOCK_K: tl.constexpr,
+                 LORA_DROPOUT: tl.constexpr, PAIRED_X: tl.constexpr, CDT: tl.constexpr):
+    """keep * X for a tile, zero outside X; callers apply 1/(1-p) to their fp32 sums.
+
+    PAIRED_X (16-bit X, unit column stride, even K and row stride, 4-byte aligned): X is read as 32-bit words
+    of two elements and masked word by word (``_keep_words``), then split back into elements.
+    """
+    if LORA_DROPOUT and PAIRED_X:
+        offs_w = _offsets(k_block, BLOCK_K // 2, INT64_OFFSETS)
+        words_ptr = x_ptr.to(tl.pointer_type(tl.uint32), bitcast=True)
+        words = tl.load(words_ptr + offs_m[:, None] * (stride_xm // 2) + offs_w[None, :],
+                        mask=(offs_m[:, None] < M) & (offs_w[None, :] < K // 2), other=0)
+        words &= _keep_words(offs_m, offs_w, mask_key0, mask_key1, mask_threshold)
+        low = words.to(tl.uint16).to(x_ptr.dtype.element_ty, bitcast=True)
+        high = (words >> 16).to(tl.uint16).to(x_ptr.dtype.element_ty, bitcast=True)
+        return tl.join(low, high).reshape(offs_m.shape[0], BLOCK_K).to(CDT)
+    offs_k = _offsets(k_block, BLOCK_K, INT64_OFFSETS)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                 mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0).to(CDT)
     if LORA_DROPOUT:
-        keep = _keep_mask(offs_m, offs_k, mask_key0, mask_key1, mask_threshold, mask_row_step)
+        keep = _keep_mask(offs_m, offs_k, mask_key0, mask_key1, mask_threshold)
         x = tl.where(keep, x, 0.0).to(CDT)
     return x
 
@@ -146,12 +195,12 @@ def _store_or_add(ptrs, value, mask, ATOMIC: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
-def _keep_mask_kernel(out_ptr, M, K, mask_key0, mask_key1, mask_threshold, mask_row_step,
+def _keep_mask_kernel(out_ptr, M, K, mask_key0, mask_key1, mask_threshold,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[m, k] = keep[m, k] as int8 (tests only)."""
     offs_m = _offsets(tl.program_id(0), BLOCK_M, False)
     offs_k = _offsets(tl.program_id(1), BLOCK_K, False)
-    keep = _keep_mask(offs_m, offs_k, mask_key0, mask_key1, mask_threshold, mask_row_step)
+    keep = _keep_mask(offs_m, offs_k, mask_key0, mask_key1, mask_threshold)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], keep.to(tl.int8), mask=mask)
 
@@ -182,7 +231,7 @@ def _fused_gemm_kernel(
     M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_sm, stride_sr, stride_lr, stride_ln, stride_zm, stride_zn,
-    lora_scale, lbias_scale, drop_scale, mask_key0, mask_key1, mask_threshold, mask_row_step,
+    lora_scale, lbias_scale, drop_scale, mask_key0, mask_key1, mask_threshold,
     HAS_MAIN: tl.constexpr, LORA_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LORA_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_COL_SCALE: tl.constexpr, STORE_Z: tl.constexpr,
     A_COL_SCALE: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -236,7 +285,7 @@ def _fused_gemm_kernel(
                      mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0).to(CDT)
         acc = tl.dot(s, lt, input_precision=DOT_PRECISION)
         if LORA_DROPOUT:
-            keep = _keep_mask(offs_m, offs_n, mask_key0, mask_key1, mask_threshold, mask_row_step)
+            keep = _keep_mask(offs_m, offs_n, mask_key0, mask_key1, mask_threshold)
             acc = tl.where(keep, acc * drop_scale, 0.0)
 
         if HAS_MAIN:
@@ -358,10 +407,10 @@ def _lora_x_pass_kernel(
     x_ptr, side_ptr, out_ptr,
     M, K, R, blocks_per_split,
     stride_xm, stride_xk, stride_side0, stride_side1, stride_split, stride_out0, stride_out1,
-    drop_scale, mask_key0, mask_key1, mask_threshold, mask_row_step,
-    FOR_DA: tl.constexpr, LORA_DROPOUT: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, INT64_OFFSETS: tl.constexpr,
-    CDT: tl.constexpr, DOT_PRECISION: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    drop_scale, mask_key0, mask_key1, mask_threshold,
+    FOR_DA: tl.constexpr, LORA_DROPOUT: tl.constexpr, PAIRED_X: tl.constexpr, SPLIT_ATOMIC: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr, R_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The two skinny passes over X, accumulated in fp32 (FOR_DA picks the axis of X a program owns)::
 
@@ -389,12 +438,12 @@ def _lora_x_pass_kernel(
         side = tl.load(side_ptr + offs_red[:, None] * stride_side0 + offs_r[None, :] * stride_side1,
                        mask=(offs_red[:, None] < reduced_len) & (offs_r[None, :] < R), other=0.0).to(CDT)
         if FOR_DA:
-            x = _load_kept_x(x_ptr, offs_red, offs_own, M, K, stride_xm, stride_xk,
-                             mask_key0, mask_key1, mask_threshold, mask_row_step, LORA_DROPOUT, CDT)
+            x = _load_kept_x(x_ptr, offs_red, tl.program_id(0), M, K, stride_xm, stride_xk, mask_key0, mask_key1,
+                             mask_threshold, INT64_OFFSETS, BLOCK_K, LORA_DROPOUT, PAIRED_X, CDT)
             acc = tl.dot(tl.trans(x), side, acc, input_precision=DOT_PRECISION)
         else:
-            x = _load_kept_x(x_ptr, offs_own, offs_red, M, K, stride_xm, stride_xk,
-                             mask_key0, mask_key1, mask_threshold, mask_row_step, LORA_DROPOUT, CDT)
+            x = _load_kept_x(x_ptr, offs_own, block, M, K, stride_xm, stride_xk, mask_key0, mask_key1,
+                             mask_threshold, INT64_OFFSETS, BLOCK_K, LORA_DROPOUT, PAIRED_X, CDT)
             acc = tl.dot(x, side, acc, input_precision=DOT_PRECISION)
     if LORA_DROPOUT:
         acc = acc * drop_scale
@@ -716,25 +765,20 @@ class _Dropout:
     key0: int
     key1: int
     threshold: int
-    row_step: int
 
     @staticmethod
-    def of(options: LoraOptions, width: int) -> _Dropout:
+    def of(options: LoraOptions) -> _Dropout:
         key0, key1 = seed_keys(options.seed)
-        # keep_threshold reaches 2**31 only for p > 1 - 2**-33 (nothing kept either way); clamp into int32.
-        threshold = min(keep_threshold(options.dropout_p), 2**31 - 1)
-        row_step = (width * GOLDEN) & _U32
-        row_step -= (1 << 32) if row_step >= 1 << 31 else 0
         scale = 1.0 / (1.0 - options.dropout_p) if options.has_dropout else 1.0
-        return _Dropout(options.has_dropout, scale, key0, key1, threshold, row_step)
+        return _Dropout(options.has_dropout, scale, key0, key1, keep_threshold(options.dropout_p))
 
     def kernel_args(self) -> dict:
         """The kernels' dropout arguments (the same names in every kernel)."""
         return dict(drop_scale=self.scale, mask_key0=self.key0, mask_key1=self.key1,
-                    mask_threshold=self.threshold, mask_row_step=self.row_step, LORA_DROPOUT=self.enabled)
+                    mask_threshold=self.threshold, LORA_DROPOUT=self.enabled)
 
 
-NO_DROPOUT = _Dropout(enabled=False, scale=1.0, key0=0, key1=0, threshold=-(2**31), row_step=0)
+NO_DROPOUT = _Dropout(enabled=False, scale=1.0, key0=0, key1=0, threshold=0)
 
 
 @dataclass
@@ -797,6 +841,13 @@ class _SkinnyPlan:
         return self.out.result() if self.out is not None else None
 
 
+def pairs_in_words(x: Tensor) -> bool:
+    """Whether the skinny passes may read 2-D ``x`` as 32-bit words of two elements (``_load_kept_x``)."""
+    # 4-byte alignment from the storage offset: torch's allocators align every storage to >= 256 bytes
+    return (x.element_size() == 2 and x.stride(1) == 1 and x.shape[1] % 2 == 0 and x.stride(0) % 2 == 0
+            and x.storage_offset() % 2 == 0)
+
+
 def launch_x_pass(x: Tensor, side: Tensor, dropout: _Dropout, *, for_da: bool) -> Tensor:
     """S = drop(X) A^T (fp32 [M, r]; side = A) or dA = dS^T drop(X) (fp32 [r, K]; side = dS)."""
     m, k = x.shape
@@ -808,7 +859,8 @@ def launch_x_pass(x: Tensor, side: Tensor, dropout: _Dropout, *, for_da: bool) -
         x_ptr=x, side_ptr=side, out_ptr=plan.out.buffer, M=m, K=k, R=r, blocks_per_split=plan.blocks_per_split,
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_side0=side0, stride_side1=side1,
         stride_split=plan.out.stride_split, stride_out0=out1 if for_da else out0, stride_out1=out0 if for_da else out1,
-        **dropout.kernel_args(), FOR_DA=for_da, SPLIT_ATOMIC=plan.out.atomic,
+        **dropout.kernel_args(), PAIRED_X=dropout.enabled and pairs_in_words(x), FOR_DA=for_da,
+        SPLIT_ATOMIC=plan.out.atomic,
         INT64_OFFSETS=needs_int64_offsets(x, side, plan.out.buffer), **plan.tile_args(x.dtype, r, "BLOCK_K"),
     )
     return plan.result()
@@ -953,10 +1005,10 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int], dropout_p: float, devic
     m, k = shape
     out = torch.empty((m, k), dtype=torch.int8, device=device)
     if m and k:
-        dropout = _Dropout.of(LoraOptions(scaling=1.0, dropout_p=dropout_p, seed=seed), k)
+        dropout = _Dropout.of(LoraOptions(scaling=1.0, dropout_p=dropout_p, seed=seed))
         _keep_mask_kernel[(triton.cdiv(m, 64), triton.cdiv(k, 64))](
             out_ptr=out, M=m, K=k, mask_key0=dropout.key0, mask_key1=dropout.key1,
-            mask_threshold=dropout.threshold, mask_row_step=dropout.row_step, BLOCK_M=64, BLOCK_K=64)
+            mask_threshold=dropout.threshold, BLOCK_M=64, BLOCK_K=64)
     return out.bool()
 
 
@@ -977,7 +1029,7 @@ def lora_forward(
     m = x.shape[0]
     if m == 0:
         return x.new_empty((0, w_nk.shape[0])), x.new_empty((0, lora_a.shape[0]), dtype=torch.float32)
-    s = launch_x_pass(x, lora_a, _Dropout.of(options, x.shape[1]), for_da=False)
+    s = launch_x_pass(x, lora_a, _Dropout.of(options), for_da=False)
     y = launch_gemm(
         a=x, b=w_nk, b_strides=(w_nk.stride(1), w_nk.stride(0)), out_features=w_nk.shape[0], bias=bias,
         lowrank_s=s, lowrank_l=lora_b, l_strides=(lora_b.stride(1), lora_b.stride(0)), lora_scale=options.scaling,
@@ -1009,7 +1061,7 @@ def lora_backward(
             torch.zeros((n,), device=dy.device)
     else:
         ds, db, colsum, _, _ = launch_dy_reductions(dy, lora_b, s, options.scaling, need, x.dtype)
-    dropout = _Dropout.of(options, k)
+    dropout = _Dropout.of(options)
     dx = da = None
     if need.dx:
         dx = x.new_empty((0, k)) if m == 0 else launch_gemm(
