@@ -28,11 +28,11 @@ halves of a word are disjoint bits of one uniform word; the low half of the prod
 of its input only, which is still uniform). The multiply in pair() breaks the one structure the xor leaves
 (the four corners of a rectangle have inputs that xor to zero: without it, at p = 0.5 the fourth corner's
 decision would follow from the other three). The statistical tests
-(``tests/test_dropout_mask.py``) check the keep rate, neighbours along both axes and seeds. The mask depends on
-(seed, m, k) only, not on K, and needs no 64-bit arithmetic at any size.
+(``tests/test_dropout_mask.py``) check the keep rate, neighbours along both axes, rectangles and seeds. The
+mask depends on (seed, m, k) only, not on K, and needs no 64-bit arithmetic at any size.
 
-This module is the PyTorch implementation (vectorised int64 ops on the [M] row and [K/2] pair keys, one
-[M, K/2] combine); the Triton (``lora_triton``) and native (``csrc/coto_mask.h``) backends implement the same
+This module is the PyTorch implementation (int64 ops on the [M] row and [K/2] pair keys, then one int32
+[M, K/2] combine and two compares; ~2.5x cheaper than ``bernoulli_`` on the CPU); the Triton (``lora_triton``) and native (``csrc/coto_mask.h``) backends implement the same
 function, and the tests compare all of them bit for bit.
 """
 
