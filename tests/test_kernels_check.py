@@ -183,11 +183,13 @@ def test_problems_flags_each_violation_and_passes_a_clean_compile():
 def test_problems_flags_an_s_or_da_loop_over_eight_instructions_per_element():
     x_pass = SimpleNamespace(__name__="_lora_x_pass_kernel")
     config = {"LORA_DROPOUT": True, "BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4}  # 64 elements per thread
-    job = dataclasses.replace(_job(), kernel=x_pass, config=config)
+    job = dataclasses.replace(_job(), kernel=x_pass, config=config, uses=[(kc.Scenario(r=16, p=0.1), "fwd")])
     assert kc.problems(job, _result(loop_instructions=512)) == []  # 8.0
     assert "per element > 8" in kc.problems(job, _result(loop_instructions=520))[0]
     assert kc.problems(dataclasses.replace(job, config={**config, "LORA_DROPOUT": False}),
                        _result(loop_instructions=520)) == []  # the target is for the dropout loops
+    rank_64 = dataclasses.replace(job, uses=[(kc.Scenario(r=64, p=0.1), "fwd")])
+    assert kc.problems(rank_64, _result(loop_instructions=900)) == []  # reported, not the target's setting
 
 
 def test_shared_memory_limits_are_the_opt_in_maxima():

@@ -32,8 +32,8 @@ decision would follow from the other three). The statistical tests
 mask depends on (seed, m, k) only, not on K, and needs no 64-bit arithmetic at any size.
 
 This module is the PyTorch implementation (int64 ops on the [M] row and [K/2] pair keys, then one int32
-[M, K/2] combine and two compares; ~2.5x cheaper than ``bernoulli_`` on the CPU); the Triton (``lora_triton``) and native (``csrc/coto_mask.h``) backends implement the same
-function, and the tests compare all of them bit for bit.
+[M, K/2] combine and two compares; ~2.5x cheaper than ``bernoulli_`` on the CPU); the Triton (``lora_triton``)
+and native (``csrc/coto_mask.h``) backends implement the same function, and the tests compare them bit for bit.
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ S pass, the dX accumulator seed and the dA pass (never stored). The host derives
 once per call. The skinny passes read 16-bit X with unit column stride as 32-bit words (``pairs_in_words``):
 per tile, one key per row and one per column pair, then per word one xor and one multiply (the pair hash) and a
 SWAR test of both halves that yields the AND-mask of the word (``_keep_words``), so the masked word is never
-split for the select. Compiled for sm_90 (bf16, r 16, 64x128 tiles, 4 warps) the S loop runs 7.5 SASS
-instructions per element of X with dropout and 2.3 without, the dA loop 7.8 and 3.2 (``make kernels-check``
-reports every rank and target). The previous mask, an fmix32 of the flat index per element, cost 17.0 / 15.5
-there (the select and the re-packing of bf16 pairs after it were a third of that); Philox ``tl.rand`` was ~59.
+split for the select. Compiled for sm_90 (bf16, r 16, 64x128 tiles, 4 warps) the S loop runs 7.8 SASS
+instructions per element of X with dropout and 2.3 without, the dA loop 7.5 and 3.2; sm_80: 7.0 and 8.0
+(kernels-check reports every rank and fails above 8 at r 16). The previous mask, a per-element fmix32 of the
+flat index, cost 17.0 / 15.5 there (a third of it the select and re-packing of bf16 pairs); Philox was ~59.
 Elsewhere (the GEMM's dX seed, 32-bit or strided X) the same definition runs element by element.
 
 Dispatch (host side):
