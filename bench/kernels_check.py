@@ -8,7 +8,8 @@ How, without hard-coding the kernels:
 
 1. **Record the launches.** For each scenario of the grid (dtype, rank r, dropout p, M regime, layer variant,
    deterministic mode) and each target GPU, the host functions of ``coto_kernels.kernels.lora_triton``
-   (``lora_forward``, ``lora_backward``, ``dropout_keep_mask``) run on fake CUDA tensors
+   (``lora_forward``, ``lora_backward``, ``dropout_keep_mask``; DoRA variants: ``dora_triton``'s
+   ``dora_forward`` and ``dora_backward``) run on fake CUDA tensors
    (``FakeTensorMode``: shapes and strides, no data), with ``torch.cuda``'s device queries answering for the
    target (its SM count and shared memory), and with every ``JITFunction.run`` replaced by a recorder: no
    kernel executes. An ``Autotuner`` launch is expanded into one launch per config that survives the
@@ -161,18 +162,27 @@ VARIANTS = {
     "seed%16==0": dict(seed=1232),
     "M=1": dict(m=1),
     "lm-head-128k": dict(m=16384, n=131072),  # M x N > 2**31: offsets need 64 bits
+    # DoRA through dora_triton (fused only without dropout: p > 0 runs dora_torch, no Triton launch); without a
+    # base bias the output Y is saved for the magnitude gradient, with one the GEMM also stores Z (STORE_Z)
+    "dora": dict(dora=True),
+    "dora-biases": dict(dora=True, bias=True, lora_bias=True, need_dbias=True),
 }
+DORA_VARIANTS = tuple(name for name, opts in VARIANTS.items() if opts.get("dora"))
 
 
 def scenarios(grid: str) -> list[Scenario]:
     """The scenarios of ``grid``: ``full`` is the product of DTYPES x RANKS x DROPOUTS x M_REGIMES x
     deterministic on/off, plus each variant once; ``quick`` is bf16, r 16, p 0 and 0.1."""
     if grid == "quick":
-        return [Scenario(p=p, regime=name, m=m) for p in DROPOUTS for name, m in M_REGIMES]
+        return ([Scenario(p=p, regime=name, m=m) for p in DROPOUTS for name, m in M_REGIMES]
+                + [Scenario(variant="dora")])
     out = [Scenario(dtype=d, r=r, p=p, regime=name, m=m, deterministic=det)
            for d, r, p, (name, m), det in itertools.product(DTYPES, RANKS, DROPOUTS, M_REGIMES, (False, True))]
+    # DoRA (issue 13): 16-bit, r 16, no dropout, every M regime, deterministic on/off, with and without biases
+    out += [Scenario(dtype=d, variant=v, regime=name, m=m, deterministic=det)
+            for d, v, (name, m), det in itertools.product(("bf16", "fp16"), DORA_VARIANTS, M_REGIMES, (False, True))]
     for variant, opts in VARIANTS.items():
-        if variant == "linear":
+        if variant == "linear" or opts.get("dora"):
             continue
         shape = {key: opts[key] for key in ("m", "k", "n", "seed") if key in opts}
         out.append(Scenario(p=0.1, variant=variant, regime=f"M={shape.get('m', 1024)}", **shape))
@@ -282,6 +292,9 @@ def _run_scenario(backend, scenario: Scenario, context: dict) -> None:
     options = LoraOptions(scaling=2.0, dropout_p=scenario.p, seed=scenario.seed, gate=True, weight_is_kn=kn)
     need = GradRequest(dx=opts.get("need_dx", True), dlora=True, dbias=opts.get("need_dbias", False),
                        dlora_bias=lora_bias is not None)
+    if opts.get("dora"):
+        _run_dora(x, dy, weight, bias, lora_a, lora_b, lora_bias, options, need, context)
+        return
     context["phase"] = "fwd"
     _, s = backend.lora_forward(x, weight, bias, lora_a, lora_b, lora_bias, options=options)
     context["phase"] = "bwd"
@@ -289,6 +302,24 @@ def _run_scenario(backend, scenario: Scenario, context: dict) -> None:
     if scenario.p > 0 and scenario.variant == "linear" and scenario.dtype == "bf16" and scenario.r == 16:
         context["phase"] = "mask"
         backend.dropout_keep_mask(scenario.seed, (m, k), scenario.p, x.device)
+
+
+def _run_dora(x, dy, weight, bias, lora_a, lora_b, lora_bias, options, need, context: dict) -> None:
+    """The launches of ``dora_triton``'s forward and backward (Z stored when there is a base bias)."""
+    import torch
+
+    from coto_kernels.kernels import dora_torch, dora_triton
+
+    n = weight.shape[0]
+    magnitude, norm = (torch.empty(n, device="cuda", dtype=torch.float32) for _ in range(2))
+    # host-side torch only, and data-dependent ((m == 0).nonzero()), which fake tensors cannot answer
+    with mock.patch.object(dora_torch, "magnitude_grad_from_dots", lambda *args, **kwargs: None):
+        context["phase"] = "fwd"
+        y, s, z = dora_triton.dora_forward(x, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm,
+                                           options=options, save_z=True)
+        context["phase"] = "bwd"
+        dora_triton.dora_backward(dy, x, y if z is None else None, weight, bias, lora_a, lora_b, lora_bias,
+                                  magnitude, norm, s, z, options=options, need=need, need_magnitude=True)
 
 
 @contextlib.contextmanager

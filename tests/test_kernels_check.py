@@ -205,6 +205,9 @@ def test_full_grid_covers_the_issue_product():
     assert {s.m for s in main} == {48, 1024, 16384} and {s.deterministic for s in main} == {False, True}
     assert len(main) == 4 * 5 * 2 * 3 * 2
     assert {s.variant for s in grid} == set(kc.VARIANTS)
+    dora = [s for s in grid if s.variant in kc.DORA_VARIANTS]
+    assert {s.dtype for s in dora} == {"bf16", "fp16"} and {s.p for s in dora} == {0.0}
+    assert {s.m for s in dora} == {48, 1024, 16384} and {s.deterministic for s in dora} == {False, True}
 
 
 def test_load_cache_ignores_unreadable_reports(tmp_path):
