@@ -125,8 +125,36 @@ def _install() -> None:
     peft.inject_adapter_in_model = inject
 
 
+def _stay_offline() -> None:
+    """Make PEFT's ``testing_utils.hub_online_once`` keep the Hub offline under ``HF_HUB_OFFLINE=1``.
+
+    On the first use of a model id it patches huggingface_hub and transformers back ONLINE (so that the first
+    download can happen), which offline means ~45 s of connection retries per test before the test fails on
+    the Hub and the plugin turns it into a skip. Patched before the test modules import the name."""
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        return
+    import contextlib
+    import sys
+    from unittest import mock
+
+    sys.path.insert(0, os.getcwd())  # the peft source folder, whose tests/ is a package
+    try:
+        import tests.testing_utils as testing_utils
+    except ImportError:
+        return
+
+    @contextlib.contextmanager
+    def offline_hub_online_once(model_id: str):
+        with mock.patch("huggingface_hub.constants.HF_HUB_OFFLINE", True), \
+                mock.patch("transformers.utils.hub.is_offline_mode", lambda: True):
+            yield
+
+    testing_utils.hub_online_once = offline_hub_online_once
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "regression: PEFT's regression suite")
+    _stay_offline()
     if MODE != "none":
         _install()
 
