@@ -149,7 +149,7 @@ def _keep_words(offs_m, offs_w, mask_key0, mask_key1, mask_threshold):
 
     SWAR: with bit 15 of each half forced to 1, (h | F) - (t | t << 16) keeps bit 15 of a half exactly when
     that half's low 15 bits are >= t (no borrow crosses halves: t <= 2**15); flags | (flags - (flags >> 15))
-    widens each flag bit into its half. 9 integer instructions per pair after the per-row/column keys.
+    widens each flag bit into its half. 8 integer instructions per pair after the per-row/column keys.
     """
     h = _pair_hash(_mask_row_keys(offs_m, mask_key0), _mask_column_keys(offs_w, mask_key1))
     pair_threshold = mask_threshold.to(tl.uint32, bitcast=True) * 0x10001
