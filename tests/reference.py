@@ -136,6 +136,25 @@ DORA_GRAD_NAMES = dict(x="dx", bias="d_bias", lora_a="d_lora_a", lora_b="d_lora_
                        magnitude="d_magnitude")
 
 
+def dora_inputs(m: int, k: int, n: int, r: int, dtype: torch.dtype, *, device: str = "cpu", kn: bool = False,
+                bias: bool = True, lora_bias: bool = False, seed: int = 0) -> dict:
+    """Random DoRA layer inputs (x, weight, biases, factors, fp32 magnitude as PEFT keeps it), scaled ~1."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, grad=True):
+        return (torch.randn(*shape, generator=g) / shape[-1] ** 0.25).to(dtype).to(device).requires_grad_(grad)
+
+    return dict(
+        x=rand(m, k),
+        weight=rand(k, n, grad=False) if kn else rand(n, k, grad=False),
+        bias=rand(n) if bias else None,
+        lora_a=rand(r, k),
+        lora_b=rand(n, r),
+        lora_bias=rand(n) if lora_bias else None,
+        magnitude=(torch.rand(n, generator=g) + 0.5).to(device).requires_grad_(),
+    )
+
+
 def check_dora_layer(t: dict, dtype: torch.dtype, *, backend: str, device: str = "cpu", scaling: float,
                      dropout_p: float = 0.0, kn: bool = False, seed: int = 3) -> None:
     """``dora_linear(backend=...)``: y and every gradient against PEFT's formula in float64 (same dropout mask)."""

@@ -9,30 +9,13 @@ import warnings
 import pytest
 import torch
 from helpers import batch_for, read_adapter_config, tiny_peft_model
-from reference import TOLERANCE, assert_matches, check_dora_layer, peft_dora, relative_error
+from reference import TOLERANCE, assert_matches, check_dora_layer, dora_inputs, peft_dora, relative_error
 
 import coto_kernels
 from coto_kernels import functional_dora
 from coto_kernels.functional_dora import dora_linear
 from coto_kernels.kernels import dora_torch
 from coto_kernels.kernels.dropout_mask import dropout_keep_mask
-
-
-def _inputs(m, k, n, r, dtype, *, kn=False, bias=True, lora_bias=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, grad=True):
-        return (torch.randn(*shape, generator=g) / shape[-1] ** 0.25).to(dtype).requires_grad_(grad)
-
-    return dict(
-        x=rand(m, k),
-        weight=rand(k, n, grad=False) if kn else rand(n, k, grad=False),
-        bias=rand(n) if bias else None,
-        lora_a=rand(r, k),
-        lora_b=rand(n, r),
-        lora_bias=rand(n) if lora_bias else None,
-        magnitude=(torch.rand(n, generator=g) + 0.5).requires_grad_(),  # fp32, as PEFT keeps it
-    )
 
 
 def check_against_peft_math(t, dtype, *, scaling, dropout_p=0.0, kn=False, seed=3):
@@ -45,14 +28,14 @@ def check_against_peft_math(t, dtype, *, scaling, dropout_p=0.0, kn=False, seed=
 @pytest.mark.parametrize("m,k,n,r,lora_bias", [(37, 45, 29, 3, True), (64, 33, 70, 16, False)])
 def test_forward_and_every_gradient_match_float64_peft_formula(dtype, dropout_p, kn, m, k, n, r, lora_bias):
     """PEFT's formula in float64 with the same dropout mask; the magnitude gradient included."""
-    t = _inputs(m, k, n, r, dtype, kn=kn, lora_bias=lora_bias)
+    t = dora_inputs(m, k, n, r, dtype, kn=kn, lora_bias=lora_bias)
     check_against_peft_math(t, dtype, scaling=1.7, dropout_p=dropout_p, kn=kn)
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_bf16_base_with_fp32_adapters(dropout_p):
     """PEFT's default for a bf16 model: adapters and magnitude kept in fp32 over the bf16 base layer."""
-    t = _inputs(37, 45, 29, 3, torch.bfloat16, lora_bias=True)
+    t = dora_inputs(37, 45, 29, 3, torch.bfloat16, lora_bias=True)
     for name in ("lora_a", "lora_b", "lora_bias"):
         t[name] = t[name].detach().float().requires_grad_()
     check_against_peft_math(t, torch.bfloat16, scaling=1.7, dropout_p=dropout_p)
@@ -60,7 +43,7 @@ def test_bf16_base_with_fp32_adapters(dropout_p):
 
 def test_tolerance_catches_an_undetached_or_wrong_norm():
     """Wrong DoRA math (norm missing the update, magnitude ignored) moves y far beyond the bf16 tolerance."""
-    t = _inputs(37, 45, 29, 3, torch.float32)
+    t = dora_inputs(37, 45, 29, 3, torch.float32)
     ref = peft_dora(*t.values(), scaling=1.7)["y"]
     no_update_in_norm = dict(t, lora_b=torch.zeros_like(t["lora_b"]))
     norm_without_update = peft_dora(*no_update_in_norm.values(), scaling=1.7)["norm"]
@@ -71,14 +54,14 @@ def test_tolerance_catches_an_undetached_or_wrong_norm():
 
 def test_zero_magnitude_columns_get_their_gradient():
     """Y_j = bias_j where m_j = 0: dm_j cannot come from the saved output and is recomputed."""
-    t = _inputs(20, 24, 12, 4, torch.float32)
+    t = dora_inputs(20, 24, 12, 4, torch.float32)
     with torch.no_grad():
         t["magnitude"][[2, 7]] = 0.0
     check_against_peft_math(t, torch.float32, scaling=0.9)
 
 
 def test_gate_off_is_the_base_layer_and_gives_the_adapter_no_gradient():
-    t = _inputs(10, 16, 8, 2, torch.float32)
+    t = dora_inputs(10, 16, 8, 2, torch.float32)
     y = dora_linear(*t.values(), scaling=2.0, dropout_p=0.1, gate=False, backend="torch")
     torch.testing.assert_close(y, torch.nn.functional.linear(t["x"], t["weight"], t["bias"]), rtol=0, atol=0)
     y.sum().backward()
@@ -93,7 +76,7 @@ def _exact_norm(weight, lora_a, lora_b, scaling):
 
 
 def test_row_norm_matches_the_materialised_norm_and_lora_bias_enters_every_column():
-    t = _inputs(4, 300, 50, 8, torch.float32, lora_bias=True)
+    t = dora_inputs(4, 300, 50, 8, torch.float32, lora_bias=True)
     norm = dora_torch.dora_row_norm(t["weight"], t["lora_a"], t["lora_b"], t["lora_bias"], scaling=1.3,
                                     weight_is_kn=False)
     lora_weight = t["lora_b"] @ t["lora_a"] + t["lora_bias"][:, None]  # PEFT's B(A(I_K)) includes lora_B's bias
@@ -107,7 +90,7 @@ def test_row_norm_matches_the_materialised_norm_and_lora_bias_enters_every_colum
 
 
 def test_weight_norm_cache_is_reused_and_invalidated_when_the_weight_changes():
-    t = _inputs(4, 32, 16, 2, torch.float32)
+    t = dora_inputs(4, 32, 16, 2, torch.float32)
     weight = t["weight"]
     first = dora_torch.weight_row_norms_squared(weight, False)
     assert dora_torch.weight_row_norms_squared(weight, False) is first  # cached

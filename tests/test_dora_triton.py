@@ -14,7 +14,7 @@ if not torch.cuda.is_available():  # must precede the first triton.jit: the inte
 
 pytest.importorskip("triton")
 
-from reference import assert_matches, check_dora_layer, peft_dora  # noqa: E402
+from reference import assert_matches, check_dora_layer, dora_inputs, peft_dora  # noqa: E402
 
 from coto_kernels.functional_dora import dora_linear  # noqa: E402
 from coto_kernels.kernels import DORA_KERNEL_BACKENDS, load_dora_backend, lora_triton  # noqa: E402
@@ -40,21 +40,8 @@ def fused_base_gemm(monkeypatch):
     monkeypatch.setenv(lora_triton.CUBLAS_BELOW_M_ENV, "0")
 
 
-def _inputs(m, k, n, r, dtype, *, kn=False, bias=True, lora_bias=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, grad=True):
-        return (torch.randn(*shape, generator=g) / shape[-1] ** 0.25).to(dtype).to(DEVICE).requires_grad_(grad)
-
-    return dict(
-        x=rand(m, k),
-        weight=rand(k, n, grad=False) if kn else rand(n, k, grad=False),
-        bias=rand(n) if bias else None,
-        lora_a=rand(r, k),
-        lora_b=rand(n, r),
-        lora_bias=rand(n) if lora_bias else None,
-        magnitude=(torch.rand(n, generator=g) + 0.5).to(DEVICE).requires_grad_(),  # fp32, as PEFT keeps it
-    )
+def _inputs(m, k, n, r, dtype, **options):
+    return dora_inputs(m, k, n, r, dtype, device=DEVICE, **options)
 
 
 def _dy(t, dtype, seed=3):
