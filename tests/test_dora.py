@@ -14,7 +14,7 @@ from reference import TOLERANCE, assert_matches, check_dora_layer, dora_inputs, 
 import coto_kernels
 from coto_kernels import functional_dora
 from coto_kernels.functional_dora import dora_linear
-from coto_kernels.kernels import dora_torch
+from coto_kernels.kernels import backend_available, dora_torch
 from coto_kernels.kernels.dropout_mask import dropout_keep_mask
 
 
@@ -255,3 +255,20 @@ def test_fresh_dora_adapter_is_an_exact_no_op(arch):
             base = model(**batch).logits
         dora = model(**batch).logits
     assert torch.allclose(dora, base, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_fresh_dora_adapter_on_a_biased_layer_returns_the_base_output_bit_for_bit(backend):
+    """PEFT's test_lora_use_dora_linear shape (K = 1000, a bias): bias + c * (X W^T) rounds 1 ulp away from the base
+    layer's addmm(bias, X, W^T), so the full-precision forward must build on the base output itself."""
+    from peft import LoraConfig, get_peft_model
+
+    if not backend_available(backend):
+        pytest.skip(f"{backend} backend not built here")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 1000), torch.nn.Tanh())
+    x = torch.rand(10, 1000)
+    base = model(x)
+    peft = get_peft_model(model, LoraConfig(target_modules=["0"], use_dora=True))
+    coto_kernels.patch(peft, schedule="off", backend=backend)
+    assert torch.equal(peft(x), base)

@@ -27,6 +27,13 @@ product, saves the same tensor); columns with m_j = 0 (Y_j carries nothing of Z_
 S and their rows of W and B. With a base bias, Y - bias cancels (in bf16, measured 2x PEFT's dm error), so Z is
 kept; with dropout, Z = D W^T + s(S B^T + lb) cannot be recovered from Y (which holds X W^T too), so Z is kept
 instead of recomputing D W^T.
+
+**Exact no-op with a bias (fp32/fp64).** A fresh adapter (B = 0, c = 1) must return the base layer's output bit for
+bit (PEFT's ``test_lora_use_dora_linear``), but ``bias + c * (X W^T)`` rounds differently from the base layer's
+``addmm(bias, X, W^T)`` (1 ulp). In full precision the forward therefore follows PEFT's order: Y = Y_base + (c - 1)
+Z + s L on the exact base output, with Z = (Y_base - bias) + s L; the cancellation in Y_base - bias costs Z about
+u |bias| / |Z| of relative error, u = 2^-24 in fp32: nothing dm can see. Half precision (u = 2^-8 for bf16) keeps
+the bias-free Z above, whose digits dm needs; there Y = bias + c Z may differ from the base output by one ulp.
 """
 
 from __future__ import annotations
@@ -154,6 +161,23 @@ def _add_low_rank(z: Tensor, s: Tensor, lora_b: Tensor, lora_bias: Tensor | None
     return z
 
 
+# Dtypes whose rounding of Y_base - bias costs dm nothing that matters (module docstring, "exact no-op").
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+
+def _forward_on_base_output(
+    x: Tensor, w: Tensor, bias: Tensor, s: Tensor, lora_b: Tensor, lora_bias: Tensor | None, scale: Tensor,
+    scaling: float, save_z: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """PEFT's own order for a biased full-precision layer: Y = Y_base + (c - 1) Z + s L with Y_base = addmm(bias,
+    X, W^T) (the base layer's exact output), L = S B^T + lora_bias and Z = (Y_base - bias) + s L."""
+    y = F.linear(x, w, bias)
+    low_rank = _add_low_rank(torch.zeros_like(y), s, lora_b, lora_bias, scaling)
+    z = (y - bias).add_(low_rank)
+    y.addcmul_(z, (scale - 1.0).to(y.dtype)).add_(low_rank)
+    return y, s, z if save_z else None
+
+
 def dora_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None,
     magnitude: Tensor, norm: Tensor, *, options: LoraOptions, save_z: bool,
@@ -164,6 +188,8 @@ def dora_forward(
     keep = _keep(x, options)
     if keep is None:
         s = x.to(lora_a.dtype) @ lora_a.t()
+        if bias is not None and x.dtype in _FULL_PRECISION:
+            return _forward_on_base_output(x, w, bias, s, lora_b, lora_bias, scale, options.scaling, save_z)
         z = _add_low_rank(F.linear(x, w), s, lora_b, lora_bias, options.scaling)
         if bias is None:  # Y = c * Z in place; dm comes from the saved output
             return z.mul_(scale.to(z.dtype)), s, None
