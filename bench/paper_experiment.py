@@ -18,7 +18,7 @@ accuracy alone is ``no_adapters``, and each pruned accuracy is reported as reten
 ``schedule="off"`` (the gate is the only difference), and a fit-matched LoRA control trained for
 ``round(CoTo's measured mean active fraction x steps)`` steps (the same number of adapter updates as CoTo's
 adapters get), same seed; ``--long-steps N`` adds a longer vanilla LoRA budget with a learning curve. For every
-seed all methods start from the same state (same LoRA init, same data order).
+seed all methods start from the same state (same LoRA init, same batches: random, of items of similar length).
 
 Measured: full accuracy; pruning by ``select_off(keep=...)`` / ``drop=...`` (a label names what is KEPT, as in
 the paper's Figure r3): both every-other parities, each third kept and dropped, query-only and value-only; merges
@@ -44,15 +44,16 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import combinations
+from itertools import combinations, product
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from bench.block_replay import BlockReplay
 from coto_kernels.benchmarking import Plot, environment, markdown_table, pyplot, write_json
 from coto_kernels.benchmarking import write_report as write_files
 
@@ -153,11 +154,10 @@ def train_head(task: Task, steps: int, batch_size: int, lr: float) -> dict[str, 
         if is_head(name):
             params.append(param)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(12_345)
+    batches = length_grouped_batches(task.train, batch_size, torch.Generator().manual_seed(12_345))
     base.train()
     for _ in range(steps):
-        index = torch.randint(len(task.train), (batch_size,), generator=generator).tolist()
-        base(**collate(task.train, index, task.pad_id)).loss.backward()
+        base(**collate(task.train, next(batches), task.pad_id)).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return {k: v.detach().clone() for k, v in base.state_dict().items() if is_head(k)}
@@ -288,6 +288,23 @@ def collate(split: Split, index: Sequence[int], pad_id: int) -> dict[str, torch.
 # -- training and evaluation -------------------------------------------------------------------------------------
 
 
+def length_grouped_batches(split: Split, batch_size: int, generator: torch.Generator, group: int = 50
+                           ) -> Iterator[list[int]]:
+    """Endless training batches, epoch after epoch, of items of similar length (Transformers' ``group_by_length``).
+
+    Each epoch is a random permutation cut into groups of ``group`` batches; a group is sorted by length, cut
+    into batches, and its batches are shuffled. Random batches of this data pad to 1.9x their real tokens,
+    grouped ones to 1.03x: training costs about half, and every method sees the same batches for a seed."""
+    while True:
+        order = torch.randperm(len(split), generator=generator).tolist()
+        for start in range(0, len(order), group * batch_size):
+            chunk = sorted(order[start:start + group * batch_size], key=lambda i: len(split.ids[i]))
+            batches = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+            yield from (batches[i] for i in torch.randperm(len(batches), generator=generator).tolist())
+
+
+
+
 def peft_model(task: Task, seed: int) -> nn.Module:
     """The shared base (frozen head) wrapped in the task's LoRA config (LoRA A initialised by ``seed``)."""
     from peft import get_peft_model
@@ -312,15 +329,12 @@ def train(task: Task, method: str, seed: int, steps: int, batch_size: int, lr: f
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: max(0.0, 1.0 - k / steps))
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
+    batches = length_grouped_batches(task.train, batch_size, torch.Generator().manual_seed(seed))
     model.train()
     losses, active = [], []
     start = time.perf_counter()
     for _ in range(steps):
-        if len(order) < batch_size:
-            order += torch.randperm(len(task.train), generator=generator).tolist()
-        index, order = order[:batch_size], order[batch_size:]
+        index = next(batches)
         active.append(sum(controller.gates) / len(controller.gates))
         loss = model(**collate(task.train, index, task.pad_id)).loss
         loss.backward()
@@ -346,9 +360,10 @@ def train(task: Task, method: str, seed: int, steps: int, batch_size: int, lr: f
 
 
 @torch.no_grad()
-def correctness(model: nn.Module, split: Split, pad_id: int, batch_size: int = 128) -> str:
+def correctness(model: nn.Module, split: Split, pad_id: int, batch_size: int = 128,
+                forward: Callable[[int, dict], torch.Tensor] | None = None) -> str:
     """Per item of ``split`` (in split order) "1" if ``model`` (in eval mode) classifies it right, else "0";
-    batches of similar length."""
+    batches of similar length. ``forward(batch start, batch)``: the logits (default ``model(**batch).logits``)."""
     model.eval()
     order = sorted(range(len(split)), key=lambda i: len(split.ids[i]))
     right = [0] * len(split)
@@ -356,7 +371,8 @@ def correctness(model: nn.Module, split: Split, pad_id: int, batch_size: int = 1
         chunk = order[start:start + batch_size]
         batch = collate(split, chunk, pad_id)
         labels = batch.pop("labels")
-        for i, ok in zip(chunk, (model(**batch).logits.argmax(-1) == labels).tolist()):
+        logits = model(**batch).logits if forward is None else forward(start, batch)
+        for i, ok in zip(chunk, (logits.argmax(-1) == labels).tolist()):
             right[i] = int(ok)
     return "".join(map(str, right))
 
@@ -368,32 +384,72 @@ def accuracy(model: nn.Module, split: Split, pad_id: int) -> float:
 
 class Evaluator:
     """Fresh models to evaluate adapters: one per adapter rank, loaded by vanilla PEFT, then patched with
-    ``schedule="off"`` so that ``coto_kernels.tools.pruned`` goes through the controller's ``override``."""
+    ``schedule="off"`` so that ``coto_kernels.tools.pruned`` goes through the controller's ``override``.
+
+    Evaluations go through ``BlockReplay`` (bench/block_replay.py): a block whose preceding blocks are in a state
+    seen before on the same batch starts from the cached input. A block's state is the set of its LoRA modules
+    that are on (``None``: none); adapter-dependent entries are dropped whenever another adapter is loaded."""
 
     def __init__(self, task: Task) -> None:
         self.task = task
         self.models: dict[int, nn.Module] = {}
+        self.replays: dict[int, BlockReplay] = {}
+        self.block_modules: dict[int, list[list[str]]] = {}  # per rank: LoRA module paths of each block, in order
+        self.loaded: dict[int, object] = {}  # per rank: the adapter in the model (a reference: ids stay unique)
 
     def model_for(self, adapter) -> nn.Module:
         import coto_kernels
         from coto_kernels.tools import load_peft_model
+        from coto_kernels.tools.shapley import adapter_players
 
         rank = max(adapter.rank(m) for m in adapter.modules)
         if rank not in self.models:
             model = load_peft_model(build_base(self.task), adapter)
             coto_kernels.patch(model, total_steps=1, schedule="off", seed=0)
-            self.models[rank] = model.eval()
+            replay = BlockReplay(model)
+            blocks: list[list[str]] = [[] for _ in replay.blocks]
+            for prefix, modules in adapter_players(model, "layer").items():
+                blocks[replay.index_of(model.get_submodule(prefix))] = modules  # raises for a module outside blocks
+            self.models[rank], self.replays[rank], self.block_modules[rank] = model.eval(), replay, blocks
         model = self.models[rank]
-        adapter.load_into(model)
+        if self.loaded.get(rank) is not adapter:
+            adapter.load_into(model)
+            self.loaded[rank] = adapter
+            self.replays[rank].forget_adapters()
         return model
 
-    def correctness(self, adapter, off: Sequence[str] = ()) -> str:
-        """Per-item correctness on the test set (see ``correctness``) with the modules ``off`` switched off."""
+    def _states(self, rank: int, off_modules: Sequence[str]) -> tuple:
+        off = set(off_modules)
+        return tuple(frozenset(m for m in modules if m not in off) or None for modules in self.block_modules[rank])
+
+    def correctness(self, adapter, off: Sequence[str] = (), split: Split | None = None, name: str = "test") -> str:
+        """Per-item correctness on ``split`` (default the test set; ``name`` keys its cached block inputs) with
+        the modules ``off`` switched off."""
         from coto_kernels.tools import pruned
 
         model = self.model_for(adapter)
-        with pruned(model, off):
-            return correctness(model, self.task.test, self.task.pad_id)
+        rank = max(adapter.rank(m) for m in adapter.modules)
+        replay = self.replays[rank]
+        with pruned(model, off) as off_modules:
+            states = self._states(rank, off_modules)
+            bits = correctness(model, split or self.task.test, self.task.pad_id,
+                               forward=lambda start, batch: replay.logits((name, start), batch, states))
+        replay.keep_only(states)  # bounded memory; a walk in prefix order (Shapley) loses nothing by it
+        return bits
+
+    def block_coalition_values(self, adapter, split: Split, name: str) -> tuple[list[str], dict[frozenset, float]]:
+        """``(players, {coalition: accuracy on split})`` for every set of blocks whose adapters are on, enumerated
+        with block 0 as the most significant bit so that consecutive coalitions share their longest prefix."""
+        self.model_for(adapter)
+        rank = max(adapter.rank(m) for m in adapter.modules)
+        blocks = [(i, modules) for i, modules in enumerate(self.block_modules[rank]) if modules]
+        players = [f"layer.{i}" for i, _ in blocks]
+        values: dict[frozenset, float] = {}
+        for bits in product((False, True), repeat=len(blocks)):
+            off = [m for (_, modules), on in zip(blocks, bits) if not on for m in modules]
+            right = self.correctness(adapter, off, split, name)
+            values[frozenset(p for p, on in zip(players, bits) if on)] = right.count("1") / len(right)
+        return players, values
 
 
 # -- the experiment ----------------------------------------------------------------------------------------------
@@ -453,8 +509,6 @@ def retention(acc: Callable[[str], object], method: str, seed: int, name: str):
 
 def run(args: argparse.Namespace) -> dict:
     from coto_kernels.tools import LoraAdapter, exact_shapley, interpolate, merge_adapters, select_off
-    from coto_kernels.tools.shapley import adapter_players, adapter_value_fn
-
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -596,13 +650,10 @@ def run(args: argparse.Namespace) -> dict:
     for method in ("lora", "coto"):
         for seed in args.seeds[: args.shapley_seeds]:
             def compute(method: str = method, seed: int = seed) -> dict:
-                model = evaluator.model_for(adapters[method][seed])
-                players = adapter_players(model, "layer")
-                value = adapter_value_fn(model, lambda m: accuracy(m, task.shapley, task.pad_id), players)
-                names = list(players)
-                phi = exact_shapley(value, names)
-                return {"players": names, "values": phi, "v_all": value(frozenset(names)),
-                        "v_none": value(frozenset()), "coalitions": 2 ** len(names), "items": len(task.shapley),
+                names, values = evaluator.block_coalition_values(adapters[method][seed], task.shapley, "shapley")
+                phi = exact_shapley(values.__getitem__, names)
+                return {"players": names, "values": phi, "v_all": values[frozenset(names)],
+                        "v_none": values[frozenset()], "coalitions": len(values), "items": len(task.shapley),
                         "value": "accuracy on the Shapley subset of the test set"}
 
             key = f"{method}/{seed}/shapley exact/{len(task.shapley)}"
@@ -641,7 +692,8 @@ def comparisons(results: dict, accs: Accuracies, n_boot: int, seed: int) -> dict
             if boot is not None:
                 diffs = np.mean([np.asarray(fa(boot.acc, s)) - np.asarray(fb(boot.acc, s)) for s in seeds], axis=0)
                 diffs = diffs[np.isfinite(diffs)]
-                entry["bootstrap_low"], entry["bootstrap_high"] = (float(x) for x in np.percentile(diffs, [2.5, 97.5]))
+                bounds = np.percentile(diffs, [2.5, 97.5]) if diffs.size else (None, None)  # all NaN: no interval
+                entry["bootstrap_low"], entry["bootstrap_high"] = (None if x is None else float(x) for x in bounds)
                 entry["bootstrap_samples"] = int(diffs.size)
             rows[column] = entry
         for ratio, merges in results["merge"][a].items():  # merges are paired by seed set (sets overlap)

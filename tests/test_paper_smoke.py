@@ -111,3 +111,61 @@ def test_importing_the_library_or_the_experiment_changes_no_environment_variable
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _trained_smoke_adapter(task):
+    """A smoke-task adapter with non-zero B in every block (a few steps of plain LoRA)."""
+    adapter, _ = paper.train(task, "lora", 0, steps=6, batch_size=16, lr=5e-2)
+    return adapter
+
+
+def test_block_replay_is_bit_identical_to_the_full_forward():
+    """Every pruning state and every Shapley coalition evaluated through the cached block inputs gives the same
+    logits as a plain forward, and the prefix walk evaluates 2^(L+1) - 2 blocks instead of L * 2^L."""
+    from itertools import product
+
+    from coto_kernels.tools import pruned
+
+    torch.manual_seed(0)
+    task = paper.smoke_task()
+    evaluator = paper.Evaluator(task)
+    adapter = _trained_smoke_adapter(task)
+    model = evaluator.model_for(adapter)
+    blocks = evaluator.block_modules[max(adapter.rank(m) for m in adapter.modules)]
+    names, values = evaluator.block_coalition_values(adapter, task.shapley, "shapley")
+    replay = next(iter(evaluator.replays.values()))
+    assert replay.block_runs == 2 ** 7 - 2 and len(values) == 64
+    for bits in list(product((False, True), repeat=6))[::7]:
+        off = [m for modules, on in zip(blocks, bits) if not on for m in modules]
+        with pruned(model, off):
+            plain = paper.correctness(model, task.shapley, task.pad_id)
+        assert plain.count("1") / len(plain) == values[frozenset(n for n, on in zip(names, bits) if on)]
+    # logits, not just decisions: block 0 on, 1 off, the rest on, starting at a cached block 2
+    off = blocks[1]
+    with pruned(model, off) as off_modules:
+        states = evaluator._states(max(adapter.rank(m) for m in adapter.modules), off_modules)
+        batch = paper.collate(task.test, list(range(16)), task.pad_id)
+        batch.pop("labels")
+        expected = model(**batch).logits
+        replay.logits("probe", batch, states)
+        before = replay.block_runs
+        assert torch.equal(replay.logits("probe", batch, states), expected)
+        assert replay.block_runs - before == 1  # only the last block ran again
+    # another adapter: its blocks must not reuse the first one's cached inputs
+    all_on = evaluator._states(max(adapter.rank(m) for m in adapter.modules), ())
+    first = replay.logits("probe", batch, all_on)
+    other = adapter.map(lambda m, A, B, s: (A.clone(), -3 * B, s))
+    evaluator.model_for(other)
+    expected = model(**batch).logits
+    assert not torch.allclose(expected, first)
+    assert torch.equal(replay.logits("probe", batch, all_on), expected)
+
+
+def test_length_grouped_batches_cover_every_item_once_per_epoch_and_pad_little():
+    split = paper.synthetic(250, 3, length=(2, 40))
+    batches = paper.length_grouped_batches(split, 16, torch.Generator().manual_seed(0), group=4)
+    epoch = [next(batches) for _ in range(16)]  # 250 items: 3 groups of 64 and one of 58 -> 4 * 4 batches
+    assert sorted(i for b in epoch for i in b) == list(range(250))
+    lengths = [[len(split.ids[i]) for i in b] for b in epoch]
+    padded = sum(max(b) * len(b) for b in lengths) / sum(map(sum, lengths))
+    assert padded < 1.35  # random batches of lengths 4..42 pad to ~1.6x

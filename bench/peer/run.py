@@ -155,13 +155,17 @@ def main() -> int:
         if not selection:
             names = sorted(Path(p).name for p in (FAST if args.fast else FULL))
             parser.error(f"--only {args.only} matches none of {names}")
-    out = Path(args.out) / ("fast" if args.fast else "full")
+    out = Path(args.out).resolve() / ("fast" if args.fast else "full")  # pytest runs in the peft source folder
     out.mkdir(parents=True, exist_ok=True)
     results = {mode: run_mode(source, mode, selection, out, args.pytest_args, args.jobs) for mode in ("none", *modes)}
     comparisons = {mode: compare(results["none"], results[mode], mode) for mode in modes}
     report = write_report(out, importlib.metadata.version("peft"), results, comparisons,
                           selection={k: v for k, v in selection.items()})
     print(report.read_text())
+    empty = [mode for mode, records in results.items() if not records]
+    if empty:  # pytest crashed or collected nothing: "0 regressions" would be a pass that checked nothing
+        print(f"[peer] no test outcomes recorded in mode(s) {empty}; see the pytest output above", file=sys.stderr)
+        return 2
     return 1 if any(c["regressions"] for c in comparisons.values()) else 0
 
 
