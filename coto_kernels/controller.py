@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
@@ -39,6 +40,16 @@ class _ConfigField:
 
     def __set__(self, controller: CoToController, value: Any) -> None:  # never shadowed by an instance attribute
         raise AttributeError(f"CoToController.{self.name} is read-only: it comes from the CoToConfig given to patch")
+
+
+# Every controller alive, for code that meets an optimizer without knowing which model it trains
+# (``inactive_adapter_parameters``); weak, so a dropped model takes its controller with it.
+_LIVE_CONTROLLERS: weakref.WeakSet[CoToController] = weakref.WeakSet()
+
+
+def inactive_adapter_parameters() -> list[torch.nn.Parameter]:
+    """The trainable adapter parameters that are off for the current step, over every live controller."""
+    return [param for controller in list(_LIVE_CONTROLLERS) for param in controller.inactive_parameters()]
 
 
 class CoToController:
@@ -76,6 +87,7 @@ class CoToController:
         self.p = config.initial_p
         self.gates: list[bool] = []
         self.redraw()
+        _LIVE_CONTROLLERS.add(self)
 
     def _index_layers(self, layers: dict[str, GatedLayer]) -> None:
         self._layers = layers

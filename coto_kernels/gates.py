@@ -40,18 +40,30 @@ def natural_key(name: str) -> list:
     return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
 
 
+def _outermost_adapted(name: str, adapted: set[str]) -> str:
+    """The outermost adapted module containing ``name`` (itself if none does).
+
+    A LoRA layer nested in another one cannot be switched on its own: PEFT's ``MultiheadAttention`` adapts its
+    ``out_proj`` by a nested ``lora.Linear`` whose delta it merges itself when on, and whose weight the base
+    attention reads directly when off. So a nested layer is in its container's group."""
+    parts = name.split(".")
+    return next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in adapted), name)
+
+
 def group_names(module_names: list[str], granularity: str = "layer") -> tuple[list[str], list[int]]:
     """Assign each adapted module to a group.
 
+    A layer nested in another adapted layer joins that layer's group (``_outermost_adapted``).
     Returns ``(groups, index)``: the sorted group names (numeric parts compared as numbers, never module
     order) and, for each entry of ``module_names``, the index of its group.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    outer = [_outermost_adapted(name, set(module_names)) for name in module_names]
     if granularity == "module":
-        keys = list(module_names)
+        keys = outer
     else:
-        keys = [block_prefix(name) or name for name in module_names]
+        keys = [block_prefix(name) or name for name in outer]
     groups = sorted(set(keys), key=natural_key)
     position = {g: i for i, g in enumerate(groups)}
     return groups, [position[k] for k in keys]

@@ -27,7 +27,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from . import distributed
+from . import distributed, peft_optimizers
 from .checkpointing import release_input_grads, take_over_input_grads
 from .config import CoToConfig
 from .controller import CoToController
@@ -204,6 +204,7 @@ def patch(
     if backend == "triton":
         _check_triton_device(layers)
     controller = CoToController(layers, config)
+    peft_optimizers.install()  # PEFT's LoRA-FA optimizer skips gated-off adapters too
     _gate_layers(model, layers, backend)
     controller.redraw()  # hand the initial gates to the now-gated layers
     model.__dict__[CONTROLLER_KEY] = controller

@@ -278,3 +278,36 @@ def test_autocast_matches_peft_under_autocast():
         assert grad.dtype == torch.float32  # fp32 adapters keep fp32 gradients
         scale = ref_grads[name].abs().max().item()
         torch.testing.assert_close(grad, ref_grads[name], rtol=0.1, atol=0.05 * scale, msg=name)
+
+
+def test_multihead_attention_adapter_switches_with_its_nested_out_proj():
+    """PEFT's MultiheadAttention LoRA holds a nested lora.Linear for out_proj: one gate for both, so every gate
+    draw that leaves a group on gives a loss with a gradient, and exactly the on adapters get one."""
+    import itertools
+
+    class AttentionThenLinear(torch.nn.Module):  # PEFT's ModelMha
+        def __init__(self):
+            super().__init__()
+            self.mha = torch.nn.MultiheadAttention(10, 2)
+            self.lin0 = torch.nn.Linear(10, 2)
+
+        def forward(self, x):
+            return self.lin0(self.mha(x, x, x)[0]).log_softmax(-1)
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(AttentionThenLinear(), LoraConfig(target_modules=["mha", "lin0"],
+                                                                 init_lora_weights=False))
+        controller = coto_kernels.patch(model, total_steps=10, seed=0)
+    assert controller.groups == ["base_model.model.lin0", "base_model.model.mha"]
+    for gates in itertools.product([False, True], repeat=2):
+        if not any(gates):
+            continue
+        controller.set_override(list(gates))
+        model(torch.randn(5, 10)).sum().backward()
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                on = gates[0] if ".lin0." in name else gates[1]
+                assert (param.grad is not None) == on, name
+        model.zero_grad(set_to_none=True)

@@ -431,3 +431,34 @@ def test_triton_backend_on_a_cpu_model_fails_at_patch_time(monkeypatch):
     assert not any(isinstance(m, CoToLayerMixin) for m in model.modules())
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the CPU interpreter (tests)
     patch_quietly(model, backend="triton", seed=0)
+
+
+def test_lorafa_optimizer_skips_gated_off_adapters():
+    """PEFT's LoRA-FA optimizer reads every lora_B's gradient; under CoTo the gated-off pairs are hidden from its
+    step: no crash, no update and no state for them, a normal AdamW-style update for the others."""
+    from peft.optimizers import create_lorafa_optimizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("lin0", nn.Linear(10, 12))
+    model.add_module("act", nn.ReLU())
+    model.add_module("lin1", nn.Linear(12, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["lin0", "lin1"]))
+        controller = coto_kernels.patch(model, total_steps=10, seed=0)
+        optimizer = create_lorafa_optimizer(model=model, r=4, lora_alpha=8, lr=1e-2)
+    groups_before = [(list(g["params"]), list(g["names"])) for g in optimizer.param_groups]
+    for gates in ([True, False], [False, True], [True, True]):
+        controller.set_override(gates)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+        model(torch.randn(6, 10)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                on = gates[0] if ".lin0." in name else gates[1]
+                assert (not torch.equal(param, before[name])) == on, name
+    assert [(g["params"], g["names"]) for g in optimizer.param_groups] == groups_before
+    # each pair's optimizer state advanced once per step it was on
+    assert {name.split(".")[-2]: state["step"] for name, state in optimizer.state.items()} == {"lin0": 2, "lin1": 2}

@@ -97,6 +97,16 @@ def test_block_prefix_and_groups():
         group_names(names, "block")
 
 
+@pytest.mark.parametrize("granularity", ["layer", "module"])
+def test_a_lora_layer_nested_in_another_shares_its_gate(granularity):
+    """PEFT's MultiheadAttention adapts out_proj by a nested lora.Linear that only the outer layer drives."""
+    names = ["base_model.model.lin0", "base_model.model.mha", "base_model.model.mha.base_layer.out_proj",
+             "base_model.model.mhax"]  # a sibling whose name merely starts the same is not nested
+    groups, index = group_names(names, granularity)
+    assert groups == ["base_model.model.lin0", "base_model.model.mha", "base_model.model.mhax"]
+    assert index == [0, 1, 1, 2]
+
+
 def test_at_least_one_gate_and_p_extremes():
     for step in range(200):
         assert any(draw_gates(4, 0.05, seed=1, step=step))
