@@ -89,6 +89,10 @@ class CoToController:
         self.redraw()
         _LIVE_CONTROLLERS.add(self)
 
+    def __setstate__(self, state: dict) -> None:  # copy.deepcopy / unpickling: the copy is a live controller too
+        self.__dict__.update(state)
+        _LIVE_CONTROLLERS.add(self)
+
     def _index_layers(self, layers: dict[str, GatedLayer]) -> None:
         self._layers = layers
         self.layer_names = list(layers)

@@ -227,6 +227,11 @@ def test_deepcopy_is_an_independent_patched_model():
     clone = copy.deepcopy(model)
     clone_controller = clone.coto_controller
     assert clone_controller is not controller
+    # live for the global LoRA-FA step hook: its gated-off adapters are among the process-wide inactive ones
+    clone_controller.set_override([False] * len(clone_controller.groups))
+    live = {id(p) for p in coto_kernels.controller.inactive_adapter_parameters()}
+    assert {id(p) for p in clone_controller.inactive_parameters()} <= live
+    clone_controller.set_override(None)
     # the copy's controller gates the copy's layers, and only those
     clone_controller.set_override([False] * len(clone_controller.groups))
     assert clone.get_submodule(Q_PROJ).coto_override is False
