@@ -172,7 +172,10 @@ def _forward_on_base_output(
     """PEFT's own order for a biased full-precision layer: Y = Y_base + (c - 1) Z + s L with Y_base = addmm(bias,
     X, W^T) (the base layer's exact output), L = S B^T + lora_bias and Z = (Y_base - bias) + s L."""
     y = F.linear(x, w, bias)
-    low_rank = _add_low_rank(torch.zeros_like(y), s, lora_b, lora_bias, scaling)
+    low_rank = torch.mm(s, lora_b.t()).mul_(scaling)  # s is in the adapter's dtype, like lora_b
+    if lora_bias is not None:
+        low_rank.add_(lora_bias.to(low_rank.dtype), alpha=scaling)
+    low_rank = low_rank.to(y.dtype)
     z = (y - bias).add_(low_rank)
     y.addcmul_(z, (scale - 1.0).to(y.dtype)).add_(low_rank)
     return y, s, z if save_z else None
