@@ -47,9 +47,18 @@ class _ConfigField:
 _LIVE_CONTROLLERS: weakref.WeakSet[CoToController] = weakref.WeakSet()
 
 
+# Optimizers handed to ``attach_optimizer``: their gated-off adapters lose their gradients before each step.
+_ATTACHED_OPTIMIZERS: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+
+
 def inactive_adapter_parameters() -> list[torch.nn.Parameter]:
     """The trainable adapter parameters that are off for the current step, over every live controller."""
     return [param for controller in list(_LIVE_CONTROLLERS) for param in controller.inactive_parameters()]
+
+
+def clears_inactive_grads(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether some controller's ``attach_optimizer`` clears the gated-off gradients before ``optimizer``'s step."""
+    return optimizer in _ATTACHED_OPTIMIZERS
 
 
 class CoToController:
@@ -226,6 +235,7 @@ class CoToController:
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer):
         """Run ``clear_inactive_grads`` before every ``optimizer.step()``; returns the hook handle."""
+        _ATTACHED_OPTIMIZERS.add(optimizer)
         return optimizer.register_step_pre_hook(lambda *_: self.clear_inactive_grads())
 
     def _warn_on_stale_inactive_grads(self) -> None:

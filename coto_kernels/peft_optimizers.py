@@ -3,9 +3,13 @@
 PEFT's LoRA-FA optimizer (``peft.optimizers.create_lorafa_optimizer``) updates each adapter as an (A, B) pair and
 reads ``B.grad`` unconditionally; CoTo leaves a gated-off adapter without a gradient (grad stays None), so its
 step raised a ``TypeError``. ``install`` registers a global optimizer step pre-hook that, for LoRA-FA optimizers
-only, hides the pairs of the adapters that are off this step from the param groups for the duration of the step
-(a post-hook, and the next pre-hook should a step raise, puts them back): those adapters then get no update and
-their optimizer state does not advance, as with a standard optimizer, which skips parameters without a gradient.
+only, hides from the param groups, for the duration of the step, the pairs of the adapters that are off this step
+and have no gradient (a post-hook, and the next pre-hook should a step raise, puts them back): those adapters get
+no update and their optimizer state does not advance, as a standard optimizer skips parameters without a
+gradient. A gated-off adapter that does hold a gradient (zeros from ``zero_grad(set_to_none=False)`` or a
+compiled graph, or one set by hand) is updated, as a standard optimizer would, unless the optimizer was given to
+``controller.attach_optimizer``: that clears those gradients (after this global hook: torch runs global hooks
+first), so then every gated-off pair is hidden.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .controller import inactive_adapter_parameters
+from .controller import clears_inactive_grads, inactive_adapter_parameters
 
 __all__ = ["install"]
 
@@ -46,7 +50,8 @@ def _hide_inactive_pairs(optimizer: torch.optim.Optimizer, args: Any, kwargs: An
     if not _is_lorafa(optimizer):
         return
     _restore(optimizer)  # a step that raised left its pairs hidden
-    inactive = {id(p) for p in inactive_adapter_parameters()}
+    cleared = clears_inactive_grads(optimizer)
+    inactive = {id(p) for p in inactive_adapter_parameters() if cleared or p.grad is None}
     if not inactive:
         return
     for group in optimizer.param_groups:

@@ -438,9 +438,7 @@ def test_triton_backend_on_a_cpu_model_fails_at_patch_time(monkeypatch):
     patch_quietly(model, backend="triton", seed=0)
 
 
-def test_lorafa_optimizer_skips_gated_off_adapters():
-    """PEFT's LoRA-FA optimizer reads every lora_B's gradient; under CoTo the gated-off pairs are hidden from its
-    step: no crash, no update and no state for them, a normal AdamW-style update for the others."""
+def _lorafa_model_and_optimizer():
     from peft.optimizers import create_lorafa_optimizer
 
     torch.manual_seed(0)
@@ -453,6 +451,13 @@ def test_lorafa_optimizer_skips_gated_off_adapters():
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["lin0", "lin1"]))
         controller = coto_kernels.patch(model, total_steps=10, seed=0)
         optimizer = create_lorafa_optimizer(model=model, r=4, lora_alpha=8, lr=1e-2)
+    return model, controller, optimizer
+
+
+def test_lorafa_optimizer_skips_gated_off_adapters():
+    """PEFT's LoRA-FA optimizer reads every lora_B's gradient; under CoTo the gated-off pairs are hidden from its
+    step: no crash, no update and no state for them, a normal AdamW-style update for the others."""
+    model, controller, optimizer = _lorafa_model_and_optimizer()
     groups_before = [(list(g["params"]), list(g["names"])) for g in optimizer.param_groups]
     for gates in ([True, False], [False, True], [True, True]):
         controller.set_override(gates)
@@ -467,3 +472,20 @@ def test_lorafa_optimizer_skips_gated_off_adapters():
     assert [(g["params"], g["names"]) for g in optimizer.param_groups] == groups_before
     # each pair's optimizer state advanced once per step it was on
     assert {name.split(".")[-2]: state["step"] for name, state in optimizer.state.items()} == {"lin0": 2, "lin1": 2}
+
+
+@pytest.mark.parametrize("attached", [False, True])
+def test_lorafa_gated_off_adapter_with_a_gradient_moves_only_without_attach_optimizer(attached):
+    """A gated-off B that holds a gradient (set by hand, as PEFT's own LoRA-FA test does, or zeros) is updated like
+    AdamW would update it, unless attach_optimizer clears it: then the pair is hidden, not crashed on."""
+    model, controller, optimizer = _lorafa_model_and_optimizer()
+    if attached:
+        controller.attach_optimizer(optimizer)
+    controller.set_override([False, True])  # lin0 off
+    b0 = model.base_model.model.lin0.lora_B.default.weight
+    b1 = model.base_model.model.lin1.lora_B.default.weight
+    before = b0.detach().clone()
+    b0.grad, b1.grad = torch.full_like(b0, 0.5), torch.full_like(b1, 0.5)
+    optimizer.step()
+    assert torch.equal(b0, before) == attached
+    assert not torch.equal(b1, torch.zeros_like(b1))
