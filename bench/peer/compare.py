@@ -76,6 +76,7 @@ def write_report(out: Path, peft_version: str, results: dict[str, dict[str, dict
         if c["expected_differences"]:
             lines.append(f"\nFailing assertions after a training forward with adapters gated off (expected under the "
                          f"schedule): {len(c['expected_differences'])}")
+            lines += [f"- `{n}`" for n in c["expected_differences"]]
         if c["passes_only_patched"]:
             lines.append(f"\nPass only patched: {len(c['passes_only_patched'])}")
     lines += ["", f"## Skipped: need the Hugging Face Hub (offline here): {len(hub)}", *[f"- `{n}`" for n in hub]]
