@@ -303,8 +303,6 @@ def length_grouped_batches(split: Split, batch_size: int, generator: torch.Gener
             yield from (batches[i] for i in torch.randperm(len(batches), generator=generator).tolist())
 
 
-
-
 def peft_model(task: Task, seed: int) -> nn.Module:
     """The shared base (frozen head) wrapped in the task's LoRA config (LoRA A initialised by ``seed``)."""
     from peft import get_peft_model
@@ -382,6 +380,11 @@ def accuracy(model: nn.Module, split: Split, pad_id: int) -> float:
     return bits.count("1") / len(bits)
 
 
+def _adapter_rank(adapter) -> int:
+    """The largest LoRA rank of ``adapter``: evaluation models are kept one per rank."""
+    return max(adapter.rank(m) for m in adapter.modules)
+
+
 class Evaluator:
     """Fresh models to evaluate adapters: one per adapter rank, loaded by vanilla PEFT, then patched with
     ``schedule="off"`` so that ``coto_kernels.tools.pruned`` goes through the controller's ``override``.
@@ -402,7 +405,7 @@ class Evaluator:
         from coto_kernels.tools import load_peft_model
         from coto_kernels.tools.shapley import adapter_players
 
-        rank = max(adapter.rank(m) for m in adapter.modules)
+        rank = _adapter_rank(adapter)
         if rank not in self.models:
             model = load_peft_model(build_base(self.task), adapter)
             coto_kernels.patch(model, total_steps=1, schedule="off", seed=0)
@@ -428,7 +431,7 @@ class Evaluator:
         from coto_kernels.tools import pruned
 
         model = self.model_for(adapter)
-        rank = max(adapter.rank(m) for m in adapter.modules)
+        rank = _adapter_rank(adapter)
         replay = self.replays[rank]
         with pruned(model, off) as off_modules:
             states = self._states(rank, off_modules)
@@ -441,7 +444,7 @@ class Evaluator:
         """``(players, {coalition: accuracy on split})`` for every set of blocks whose adapters are on, enumerated
         with block 0 as the most significant bit so that consecutive coalitions share their longest prefix."""
         self.model_for(adapter)
-        rank = max(adapter.rank(m) for m in adapter.modules)
+        rank = _adapter_rank(adapter)
         blocks = [(i, modules) for i, modules in enumerate(self.block_modules[rank]) if modules]
         players = [f"layer.{i}" for i, _ in blocks]
         values: dict[frozenset, float] = {}

@@ -59,7 +59,8 @@ def group_names(module_names: list[str], granularity: str = "layer") -> tuple[li
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    outer = [_outermost_adapted(name, set(module_names)) for name in module_names]
+    adapted = set(module_names)
+    outer = [_outermost_adapted(name, adapted) for name in module_names]
     if granularity == "module":
         keys = outer
     else:

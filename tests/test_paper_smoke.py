@@ -131,7 +131,8 @@ def test_block_replay_is_bit_identical_to_the_full_forward():
     evaluator = paper.Evaluator(task)
     adapter = _trained_smoke_adapter(task)
     model = evaluator.model_for(adapter)
-    blocks = evaluator.block_modules[max(adapter.rank(m) for m in adapter.modules)]
+    rank = paper._adapter_rank(adapter)
+    blocks = evaluator.block_modules[rank]
     names, values = evaluator.block_coalition_values(adapter, task.shapley, "shapley")
     replay = next(iter(evaluator.replays.values()))
     assert replay.block_runs == 2 ** 7 - 2 and len(values) == 64
@@ -143,7 +144,7 @@ def test_block_replay_is_bit_identical_to_the_full_forward():
     # logits, not just decisions: block 0 on, 1 off, the rest on, starting at a cached block 2
     off = blocks[1]
     with pruned(model, off) as off_modules:
-        states = evaluator._states(max(adapter.rank(m) for m in adapter.modules), off_modules)
+        states = evaluator._states(rank, off_modules)
         batch = paper.collate(task.test, list(range(16)), task.pad_id)
         batch.pop("labels")
         expected = model(**batch).logits
@@ -152,7 +153,7 @@ def test_block_replay_is_bit_identical_to_the_full_forward():
         assert torch.equal(replay.logits("probe", batch, states), expected)
         assert replay.block_runs - before == 1  # only the last block ran again
     # another adapter: its blocks must not reuse the first one's cached inputs
-    all_on = evaluator._states(max(adapter.rank(m) for m in adapter.modules), ())
+    all_on = evaluator._states(rank, ())
     first = replay.logits("probe", batch, all_on)
     other = adapter.map(lambda m, A, B, s: (A.clone(), -3 * B, s))
     evaluator.model_for(other)
