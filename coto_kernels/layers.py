@@ -55,31 +55,43 @@ def warn_once(layer: nn.Module, reason: str) -> None:
         )
 
 
+# The checks below run on every fused forward, so they read submodules from ``_modules`` directly: each
+# ``layer.lora_A`` costs a trip through ``nn.Module.__getattr__`` (~1 us, dozens per call otherwise).
+LORA_PART_DICTS = ("lora_A", "lora_B", "lora_dropout")
+
+
+def _active_parts(layer: LoraLinear) -> tuple[list[str], dict[str, dict[str, nn.Module]]]:
+    """The active adapters that have a lora_A, and layer.{lora_A, lora_B, lora_dropout}'s module dicts."""
+    parts = {name: layer._modules[name]._modules for name in LORA_PART_DICTS}
+    return [a for a in layer.active_adapters if a in parts["lora_A"]], parts
+
+
 def static_fallback_reason(layer: nn.Module) -> str | None:
     """Why ``layer`` cannot take the fused path at all, or None when it can."""
     if not isinstance(layer, LoraLinear):
         return f"{type(layer).__name__} LoRA layers are not fused"
-    base = layer.base_layer  # not get_base_layer(): a nested adapter layer (PEFT's mixed models) must run
+    base = layer._modules["base_layer"]  # not get_base_layer(): a nested adapter layer (PEFT's mixed models) must run
     if type(base) not in (nn.Linear, Conv1D):
         return f"base layer {type(base).__name__} is not nn.Linear or Conv1D"
-    return _adapter_fallback_reason(layer) or _hooks_fallback_reason(layer)
-
-
-def _adapter_fallback_reason(layer: LoraLinear) -> str | None:
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    active, parts = _active_parts(layer)
     if len(active) != 1:
         return f"{len(active)} active adapters"
-    adapter = active[0]
-    for name, module in (("lora_A", layer.lora_A[adapter]), ("lora_B", layer.lora_B[adapter])):
+    return _adapter_fallback_reason(layer, active[0], parts) or _hooks_fallback_reason(base, active[0], parts)
+
+
+def _adapter_fallback_reason(layer: LoraLinear, adapter: str, parts: dict[str, dict[str, nn.Module]]) -> str | None:
+    for name in ("lora_A", "lora_B"):
+        module = parts[name][adapter]
         if type(module) is not nn.Linear:  # e.g. its own FSDP unit: only its forward gathers its weight
             return f"{name} is a {type(module).__name__}, not nn.Linear (wrapped, e.g. as its own FSDP unit)"
-    if adapter in getattr(layer, "lora_variant", {}) and not is_dora(layer, adapter):
-        return f"LoRA variant {type(layer.lora_variant[adapter]).__name__}"
-    if getattr(layer, "use_dora", {}).get(adapter, False) and not is_dora(layer, adapter):
+    state = layer.__dict__
+    if adapter in state.get("lora_variant", {}) and not is_dora(layer, adapter):
+        return f"LoRA variant {type(state['lora_variant'][adapter]).__name__}"
+    if state.get("use_dora", {}).get(adapter, False) and not is_dora(layer, adapter):
         return "DoRA without PEFT's DoraLinearVariant"
-    if not isinstance(layer.lora_dropout[adapter], (nn.Dropout, nn.Identity)):
-        return f"dropout module {type(layer.lora_dropout[adapter]).__name__}"
-    if layer.lora_A[adapter].bias is not None:
+    if not isinstance(parts["lora_dropout"][adapter], (nn.Dropout, nn.Identity)):
+        return f"dropout module {type(parts['lora_dropout'][adapter]).__name__}"
+    if parts["lora_A"][adapter]._parameters.get("bias") is not None:
         return "lora_A has a bias"
     if layer.merged:
         return "adapter weights are merged into the base layer"
@@ -88,27 +100,25 @@ def _adapter_fallback_reason(layer: LoraLinear) -> str | None:
 
 def is_dora(layer: nn.Module, adapter: str) -> bool:
     """Whether ``adapter`` of ``layer`` is PEFT's linear DoRA (fused by ``dora_linear``)."""
-    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    variant = layer.__dict__.get("lora_variant", {}).get(adapter)
     return DoraLinearVariant is not None and type(variant) is DoraLinearVariant
 
 
 def _hooks_of(module: nn.Module) -> str | None:
     """What would run around ``module``'s forward and be lost if the fused call bypassed it."""
-    if getattr(module, "_hf_hook", None) is not None or "forward" in module.__dict__:
+    state = module.__dict__
+    if state.get("_hf_hook") is not None or "forward" in state:
         return "an accelerate hook (or a replaced forward)"  # e.g. cpu_offload: weights load in the hook
     if module._forward_hooks or module._forward_pre_hooks:
         return "forward hooks"
-    if module._backward_hooks or getattr(module, "_backward_pre_hooks", None):
+    if module._backward_hooks or state.get("_backward_pre_hooks"):
         return "backward hooks"
     return None
 
 
-def _hooks_fallback_reason(layer: LoraLinear) -> str | None:
+def _hooks_fallback_reason(base: nn.Module, adapter: str, parts: dict[str, dict[str, nn.Module]]) -> str | None:
     """Why hooks force PEFT's forward: the fused call reads the weights and never calls these modules."""
-    adapter = next(a for a in layer.active_adapters if a in layer.lora_A)
-    parts = (("base layer", layer.base_layer), ("lora_A", layer.lora_A[adapter]),
-             ("lora_B", layer.lora_B[adapter]), ("lora_dropout", layer.lora_dropout[adapter]))
-    for part, module in parts:
+    for part, module in (("base layer", base), *((name, parts[name][adapter]) for name in LORA_PART_DICTS)):
         hooks = _hooks_of(module)
         if hooks is not None:
             return f"its {part} has {hooks}"
@@ -197,28 +207,33 @@ class CoToLinear(CoToLayerMixin, LoraLinear):
         if reason is not None:
             warn_once(self, reason)
             return LoraLinear.forward(self, x, *args, **kwargs)
-        operands, options = self._fused_operands()
-        adapter = next(a for a in self.active_adapters if a in self.lora_A)
+        adapter, operands, options = self._fused_operands()
         if is_dora(self, adapter):
             if not self.training:  # PEFT's DoRA drops out only in training mode (``module.training``)
                 options["dropout_p"] = 0.0
             return dora_linear(x, *operands, self.lora_magnitude_vector[adapter].weight, **options)
         return lora_linear(x, *operands, **options)
 
-    def _fused_operands(self) -> tuple[tuple, dict[str, Any]]:
-        """(weight, bias, lora_a, lora_b, lora_bias) and the scalar options of the fused call."""
-        adapter = next(a for a in self.active_adapters if a in self.lora_A)
-        base = self.base_layer
-        dropout = self.lora_dropout[adapter]
-        operands = (base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                    self.lora_B[adapter].bias)
+    def _fused_operands(self) -> tuple[str, tuple, dict[str, Any]]:
+        """The active adapter, (weight, bias, lora_a, lora_b, lora_bias) and the scalar options of the fused call.
+
+        Only called on layers ``static_fallback_reason`` passed: their parts are plain ``nn.Linear`` / ``Conv1D``
+        modules, whose parameters are read from ``_parameters`` (no ``nn.Module.__getattr__`` on the hot path).
+        """
+        active, parts = _active_parts(self)
+        adapter = active[0]
+        base = self._modules["base_layer"]._parameters
+        lora_b = parts["lora_B"][adapter]._parameters
+        dropout = parts["lora_dropout"][adapter]
+        operands = (base["weight"], base.get("bias"), parts["lora_A"][adapter]._parameters["weight"],
+                    lora_b["weight"], lora_b.get("bias"))
         options = dict(
             scaling=self.scaling[adapter],
             dropout_p=dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0,
-            weight_is_kn=isinstance(base, Conv1D),
+            weight_is_kn=isinstance(self._modules["base_layer"], Conv1D),
             backend=self.coto_backend,
         )
-        return operands, options
+        return adapter, operands, options
 
     def _compiled_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The traced form: same math, gate as a tensor into opaque custom ops (``coto_kernels.compile``)."""
@@ -228,7 +243,7 @@ class CoToLinear(CoToLayerMixin, LoraLinear):
             return self._compiled_unfused(x, *args, **kwargs)
         from .compile import gated_lora_linear
 
-        operands, options = self._fused_operands()
+        _, operands, options = self._fused_operands()
         return gated_lora_linear(x, *operands, gate=self.coto_gate_tensor, **options)
 
 

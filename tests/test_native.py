@@ -59,6 +59,7 @@ OP_CASES = [  # M, K, N, r
     (9, 1000, 23, 5),
     (66, 97, 40, 64),
     (21, 41, 300, 256),
+    (333, 130, 50, 8),  # several row blocks per thread (csrc/lora_ops.cpp: kBlockRows = 64)
 ]
 
 
