@@ -5,6 +5,7 @@
 //   lora_down(x, a, seed, p)             -> S = drop(X) A^T                               fp32 [M, r]
 //   lora_dy(dy, b, s, scaling, ...)      -> dS = s dY B,  dB = s dY^T S,  colsum(dY)
 //   lora_dx_da(dx?, x, ds, a, seed, p)   -> dX += drop'(dS A) in place,  dA = dS^T drop(X) one pass over X, dX
+//   column_dots(a, b)                    -> sum_rows(a * b)  fp32 [N]  (DoRA's dm numerator, no M x N product)
 //
 // The keep mask is regenerated from coto_mask.h one row block at a time, into a cache-sized buffer that BLAS
 // then reads: no M x K temporary exists. Accumulation is fp32 for fp32, bf16 and fp16 inputs. Parallel over row
@@ -102,6 +103,7 @@ COTO_INLINE void dropped_chunk(const T* __restrict__ x, int64_t n, int64_t row, 
 // arithmetic runs at BLAS speed (a hand-written loop here was 1.4-2x slower than MKL on these skinny shapes).
 // Without dropout, fp32 operands go to BLAS whole, multi-threaded; half-precision ones are widened per block.
 
+constexpr int64_t kDotChunk = 128;  // columns per column_dots task: 512 B of accumulators
 constexpr int64_t kBlockRows = 64;  // 64 x K fp32: 128 KiB at K = 512, within L2 up to K ~ 4096
 
 // Rows [row0, row0 + rows) of X into `out` (fp32, [rows, K]), dropped when d.on; when `factor` is given it
@@ -304,6 +306,46 @@ Tensor lora_dx_da_cpu(const std::optional<Tensor>& dx_opt, const Tensor& x_in, c
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// column_dots(a, b)[n] = sum_m a[m, n] * b[m, n] in fp32: DoRA's magnitude-gradient numerator sum_rows(dY * Y) from
+// one read of both, without the M x N product torch would materialise first. Each thread owns whole column chunks
+// (no partial sums: deterministic whatever the thread count); a chunk's accumulators stay in L1.
+template <typename T>
+COTO_CLONES void column_dots_chunk(const T* a, const T* b, int64_t lda, int64_t ldb, int64_t M, int64_t n0,
+                                   int64_t n, float* out) {
+  float acc[kDotChunk] = {};
+  for (int64_t m = 0; m < M; ++m) {
+    const T* __restrict__ ar = a + m * lda + n0;
+    const T* __restrict__ br = b + m * ldb + n0;
+    for (int64_t j = 0; j < n; ++j) acc[j] += static_cast<float>(ar[j]) * static_cast<float>(br[j]);
+  }
+  std::copy(acc, acc + n, out + n0);
+}
+
+Tensor column_dots_cpu(const Tensor& a_in, const Tensor& b_in) {
+  check_2d(a_in, "a");
+  check_2d(b_in, "b");
+  TORCH_CHECK(a_in.sizes() == b_in.sizes() && a_in.scalar_type() == b_in.scalar_type(),
+              "coto_kernels_native.column_dots: a ", a_in.sizes(), " ", a_in.scalar_type(), " and b ", b_in.sizes(),
+              " ", b_in.scalar_type(), " must have the same shape and dtype");
+  const Tensor a = unit_col_stride(a_in), b = unit_col_stride(b_in);
+  const int64_t M = a.size(0), N = a.size(1);
+  Tensor out = at::empty({N}, a.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "column_dots", [&] {
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    float* op = out.mutable_data_ptr<float>();
+    const int64_t chunks = (N + kDotChunk - 1) / kDotChunk;
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t n0 = c * kDotChunk;
+        column_dots_chunk(ap, bp, a.stride(0), b.stride(0), M, n0, std::min(kDotChunk, N - n0), op);
+      }
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // The keep mask itself (bool, x's shape): for tests and references; the ops above never materialise it.
 Tensor keep_mask_cpu(const Tensor& x, int64_t seed, double dropout_p) {
   check_2d(x, "x");
@@ -328,6 +370,7 @@ TORCH_LIBRARY(coto_kernels_native, m) {
   m.def(
       "lora_dy(Tensor dy, Tensor lora_b, Tensor s, float scaling, bool need_db, bool need_colsum)"
       " -> (Tensor, Tensor, Tensor)");
+  m.def("column_dots(Tensor a, Tensor b) -> Tensor");
   m.def(
       "lora_dx_da(Tensor(a!)? dx, Tensor x, Tensor ds, Tensor lora_a, int seed, float dropout_p, bool need_da)"
       " -> Tensor");
@@ -338,4 +381,5 @@ TORCH_LIBRARY_IMPL(coto_kernels_native, CPU, m) {
   m.impl("lora_down", &coto::lora_down_cpu);
   m.impl("lora_dy", &coto::lora_dy_cpu);
   m.impl("lora_dx_da", &coto::lora_dx_da_cpu);
+  m.impl("column_dots", &coto::column_dots_cpu);
 }

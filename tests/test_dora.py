@@ -18,18 +18,21 @@ from coto_kernels.kernels import backend_available, dora_torch
 from coto_kernels.kernels.dropout_mask import dropout_keep_mask
 
 
-def check_against_peft_math(t, dtype, *, scaling, dropout_p=0.0, kn=False, seed=3):
-    check_dora_layer(t, dtype, backend="torch", scaling=scaling, dropout_p=dropout_p, kn=kn, seed=seed)
+def check_against_peft_math(t, dtype, *, scaling, dropout_p=0.0, kn=False, seed=3, backend="torch"):
+    if not backend_available(backend):
+        pytest.skip(f"{backend} backend not built here")
+    check_dora_layer(t, dtype, backend=backend, scaling=scaling, dropout_p=dropout_p, kn=kn, seed=seed)
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("kn", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("m,k,n,r,lora_bias", [(37, 45, 29, 3, True), (64, 33, 70, 16, False)])
-def test_forward_and_every_gradient_match_float64_peft_formula(dtype, dropout_p, kn, m, k, n, r, lora_bias):
+def test_forward_and_every_gradient_match_float64_peft_formula(dtype, dropout_p, kn, m, k, n, r, lora_bias, backend):
     """PEFT's formula in float64 with the same dropout mask; the magnitude gradient included."""
     t = dora_inputs(m, k, n, r, dtype, kn=kn, lora_bias=lora_bias)
-    check_against_peft_math(t, dtype, scaling=1.7, dropout_p=dropout_p, kn=kn)
+    check_against_peft_math(t, dtype, scaling=1.7, dropout_p=dropout_p, kn=kn, backend=backend)
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
@@ -52,12 +55,13 @@ def test_tolerance_catches_an_undetached_or_wrong_norm():
     assert relative_error(peft_dora(*unit_magnitude.values(), scaling=1.7)["y"], ref) > 10 * TOLERANCE[torch.bfloat16]
 
 
-def test_zero_magnitude_columns_get_their_gradient():
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_zero_magnitude_columns_get_their_gradient(backend):
     """Y_j = bias_j where m_j = 0: dm_j cannot come from the saved output and is recomputed."""
     t = dora_inputs(20, 24, 12, 4, torch.float32)
     with torch.no_grad():
         t["magnitude"][[2, 7]] = 0.0
-    check_against_peft_math(t, torch.float32, scaling=0.9)
+    check_against_peft_math(t, torch.float32, scaling=0.9, backend=backend)
 
 
 def test_gate_off_is_the_base_layer_and_gives_the_adapter_no_gradient():

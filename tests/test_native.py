@@ -90,6 +90,15 @@ def test_ops_match_float64(m, k, n, r, p, dtype):
     assert_matches(dx, dx_ref, dtype, "dX (in place)")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n", [(37, 29), (300, 1000), (5, 129)])
+def test_column_dots_match_float64(m, n, dtype):
+    a, b = _rand(m, n + 3, dtype=dtype)[:, 3:], _rand(m, n, dtype=dtype, seed=4)  # a: row stride n + 3
+    dots = _ops().column_dots(a, b)
+    assert dots.dtype == torch.float32 and dots.shape == (n,)
+    assert_matches(dots, (a.double() * b.double()).sum(0), torch.float32, "column dots")
+
+
 def test_ops_optional_outputs_and_strided_x():
     ops = _ops()
     x = _rand(40, 70)[:, 3:60]  # unit column stride, row stride 70
@@ -205,6 +214,7 @@ def test_fake_kernels_agree_with_the_real_ones():
     torch.library.opcheck(ops.lora_dy, (dy, lora_b, s, 1.5, False, False))
     torch.library.opcheck(ops.lora_dx_da, (x.clone(), x, s, lora_a, 4, 0.1, True))
     torch.library.opcheck(ops.lora_dx_da, (None, x, s, lora_a, 4, 0.1, True))
+    torch.library.opcheck(ops.column_dots, (x, x.flip(0)))
 
 
 def test_torch_compile_traces_the_native_ops():

@@ -8,8 +8,9 @@
   whether it is, and why not).
 
 DoRA kernel modules (``dora_<name>``, contract ``interface.DoraBackend``): ``dora_torch`` (its GEMMs are cuBLAS /
-MKL through PyTorch; the backends without a DoRA module of their own run it) and ``dora_triton`` (lora_triton's
-kernels with DoRA's column-scale flags). ``load_dora_backend(name)`` imports one.
+MKL through PyTorch; the backends without a DoRA module of their own run it), ``dora_triton`` (lora_triton's
+kernels with DoRA's column-scale flags) and ``dora_native`` (dora_torch with the native one-pass reduction for the
+magnitude gradient). ``load_dora_backend(name)`` imports one.
 
 ``dropout_mask`` defines the dropout mask all of them regenerate. ``load_backend(name)`` imports a backend
 module; ``backend_status()`` tells which are usable here and why one is not.
@@ -64,7 +65,7 @@ def load_backend(name: str) -> ModuleType:
 
 
 #: Backends with their own DoRA kernel module; the others use the first of these.
-DORA_KERNEL_BACKENDS = ("torch", "triton")
+DORA_KERNEL_BACKENDS = ("torch", "triton", "native")
 
 
 def load_dora_backend(name: str) -> ModuleType:

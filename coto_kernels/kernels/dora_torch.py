@@ -38,6 +38,8 @@ the bias-free Z above, whose digits dm needs; there Y = bias + c Z may differ fr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -47,8 +49,8 @@ from .dropout_mask import dropout_keep_mask
 from .interface import DoraGrads, GradRequest, LoraOptions, weight_nk
 
 __all__ = [
-    "CANCELLATION_GUARD", "clear_weight_norm_cache", "column_scale", "dora_backward", "dora_forward", "dora_row_norm",
-    "dropout_keep_mask", "dropped_input", "magnitude_grad_from_dots", "weight_row_norms_squared",
+    "CANCELLATION_GUARD", "clear_weight_norm_cache", "column_dots", "column_scale", "dora_backward", "dora_forward",
+    "dora_row_norm", "dropout_keep_mask", "dropped_input", "magnitude_grad_from_dots", "weight_row_norms_squared",
 ]
 
 #: Rows whose expanded n_j^2 falls below this fraction of ||W_j||^2 + ||s (BA)_j||^2 are recomputed exactly.
@@ -209,19 +211,28 @@ def dora_forward(
     return y, s, z if save_z else None
 
 
+def column_dots(a: Tensor, b: Tensor) -> Tensor:
+    """sum_rows(a * b), fp32 [N]: the magnitude gradient's numerator (torch forms the M x N product first)."""
+    return (a * b).sum(0, dtype=torch.float32)
+
+
+ColumnDots = Callable[[Tensor, Tensor], Tensor]
+
+
 def _magnitude_grad(
     dy: Tensor, x: Tensor, y: Tensor | None, weight_rows: Tensor, bias: Tensor | None, lora_b: Tensor,
     lora_bias: Tensor | None, magnitude: Tensor, norm: Tensor, s: Tensor, z: Tensor | None, scaling: float,
+    dots: ColumnDots,
 ) -> Tensor:
     """dm = sum_rows(dY * Z) / n, from the saved Z (dropout or bias) or the saved output Y (module docstring)."""
     if z is not None:
         return magnitude_grad_from_dots(
-            (dy * z).sum(0, dtype=torch.float32), None, from_z=True, dy=dy, x=x, weight_rows=weight_rows, bias=bias,
+            dots(dy, z), None, from_z=True, dy=dy, x=x, weight_rows=weight_rows, bias=bias,
             lora_b=lora_b, lora_bias=lora_bias, magnitude=magnitude, norm=norm, s=s, scaling=scaling)
     if y is None:
         raise RuntimeError("DoRA backward: the magnitude gradient without dropout needs the saved output y")
     return magnitude_grad_from_dots(
-        (dy * y).sum(0, dtype=torch.float32), dy.sum(0, dtype=torch.float32) if bias is not None else None,
+        dots(dy, y), dy.sum(0, dtype=torch.float32) if bias is not None else None,
         from_z=False, dy=dy, x=x, weight_rows=weight_rows, bias=bias, lora_b=lora_b, lora_bias=lora_bias,
         magnitude=magnitude, norm=norm, s=s, scaling=scaling)
 
@@ -251,9 +262,10 @@ def magnitude_grad_from_dots(
 def dora_backward(
     dy: Tensor, x: Tensor, y: Tensor | None, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
     lora_bias: Tensor | None, magnitude: Tensor, norm: Tensor, s: Tensor, z_saved: Tensor | None, *,
-    options: LoraOptions, need: GradRequest, need_magnitude: bool,
+    options: LoraOptions, need: GradRequest, need_magnitude: bool, dots: ColumnDots = column_dots,
 ) -> DoraGrads:
-    """The gradients for 2-D ``dy``; None where not requested."""
+    """The gradients for 2-D ``dy``; None where not requested. ``dots``: how sum_rows(dY * Y) is reduced (the
+    native backend passes its one-pass op)."""
     w = weight_nk(weight, options.weight_is_kn)
     scaling = options.scaling
     g = dy * column_scale(magnitude, norm).to(dy.dtype)  # G = c * dY
@@ -269,7 +281,8 @@ def dora_backward(
         d_lora_bias = g_lora.sum(0).mul_(scaling)
     d_bias = dy.sum(0) if need.dbias else None
     if need_magnitude:
-        d_magnitude = _magnitude_grad(dy, x, y, w, bias, lora_b, lora_bias, magnitude, norm, s, z_saved, scaling)
+        d_magnitude = _magnitude_grad(dy, x, y, w, bias, lora_b, lora_bias, magnitude, norm, s, z_saved, scaling,
+                                      dots)
     if need.dx:
         if keep is None:  # dX = G W + dS A: one GEMM, the low-rank term added in place
             dx = _addmm_into(g @ w, ds, lora_a)
