@@ -5,7 +5,7 @@
 //   lora_down(x, a, seed, p)             -> S = drop(X) A^T                               fp32 [M, r]
 //   lora_dy(dy, b, s, scaling, ...)      -> dS = s dY B,  dB = s dY^T S,  colsum(dY)
 //   lora_dx_da(dx?, x, ds, a, seed, p)   -> dX += drop'(dS A) in place,  dA = dS^T drop(X) one pass over X, dX
-//   column_dots(a, b)                    -> sum_rows(a * b)  fp32 [N]  (DoRA's dm numerator, no M x N product)
+//   dora_dy(dy, c, saved?)               -> G = c * dY,  sum_rows(dY * saved) fp32   one pass over dY (DoRA, CPU)
 //
 // The keep mask is regenerated from coto_mask.h one row block at a time, into a cache-sized buffer that BLAS
 // then reads: no M x K temporary exists. Accumulation is fp32 for fp32, bf16 and fp16 inputs. Parallel over row
@@ -17,6 +17,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
@@ -103,7 +104,7 @@ COTO_INLINE void dropped_chunk(const T* __restrict__ x, int64_t n, int64_t row, 
 // arithmetic runs at BLAS speed (a hand-written loop here was 1.4-2x slower than MKL on these skinny shapes).
 // Without dropout, fp32 operands go to BLAS whole, multi-threaded; half-precision ones are widened per block.
 
-constexpr int64_t kDotChunk = 128;  // columns per column_dots task: 512 B of accumulators
+constexpr int64_t kDotChunk = 128;  // columns per dora_dy task: 512 B of accumulators
 constexpr int64_t kBlockRows = 64;  // 64 x K fp32: 128 KiB at K = 512, within L2 up to K ~ 4096
 
 // Rows [row0, row0 + rows) of X into `out` (fp32, [rows, K]), dropped when d.on; when `factor` is given it
@@ -306,43 +307,57 @@ Tensor lora_dx_da_cpu(const std::optional<Tensor>& dx_opt, const Tensor& x_in, c
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// column_dots(a, b)[n] = sum_m a[m, n] * b[m, n] in fp32: DoRA's magnitude-gradient numerator sum_rows(dY * Y) from
-// one read of both, without the M x N product torch would materialise first. Each thread owns whole column chunks
-// (no partial sums: deterministic whatever the thread count); a chunk's accumulators stay in L1.
+// dora_dy(dy, c, saved?) -> (G = c * dY in dY's dtype, sum_rows(dY * saved) in fp32, or an empty tensor): DoRA's
+// backward reads dY once for both the scaled gradient its GEMMs take and the magnitude gradient's numerator
+// (torch would write the M x N product dY * saved and read it back). Each thread owns whole column chunks: no
+// partial sums, deterministic whatever the thread count; a chunk's accumulators stay in L1.
 template <typename T>
-COTO_CLONES void column_dots_chunk(const T* a, const T* b, int64_t lda, int64_t ldb, int64_t M, int64_t n0,
-                                   int64_t n, float* out) {
+COTO_CLONES void dora_dy_chunk(const T* dy, const float* c, const T* saved, T* g, int64_t N, int64_t M, int64_t n0,
+                               int64_t n, float* dots) {
   float acc[kDotChunk] = {};
   for (int64_t m = 0; m < M; ++m) {
-    const T* __restrict__ ar = a + m * lda + n0;
-    const T* __restrict__ br = b + m * ldb + n0;
-    for (int64_t j = 0; j < n; ++j) acc[j] += static_cast<float>(ar[j]) * static_cast<float>(br[j]);
+    const T* __restrict__ d = dy + m * N + n0;
+    T* __restrict__ out = g + m * N + n0;
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(static_cast<float>(d[j]) * c[n0 + j]);
+    if (saved != nullptr) {
+      const T* __restrict__ y = saved + m * N + n0;
+      for (int64_t j = 0; j < n; ++j) acc[j] += static_cast<float>(d[j]) * static_cast<float>(y[j]);
+    }
   }
-  std::copy(acc, acc + n, out + n0);
+  if (dots != nullptr) std::copy(acc, acc + n, dots + n0);
 }
 
-Tensor column_dots_cpu(const Tensor& a_in, const Tensor& b_in) {
-  check_2d(a_in, "a");
-  check_2d(b_in, "b");
-  TORCH_CHECK(a_in.sizes() == b_in.sizes() && a_in.scalar_type() == b_in.scalar_type(),
-              "coto_kernels_native.column_dots: a ", a_in.sizes(), " ", a_in.scalar_type(), " and b ", b_in.sizes(),
-              " ", b_in.scalar_type(), " must have the same shape and dtype");
-  const Tensor a = unit_col_stride(a_in), b = unit_col_stride(b_in);
-  const int64_t M = a.size(0), N = a.size(1);
-  Tensor out = at::empty({N}, a.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "column_dots", [&] {
-    const scalar_t* ap = a.const_data_ptr<scalar_t>();
-    const scalar_t* bp = b.const_data_ptr<scalar_t>();
-    float* op = out.mutable_data_ptr<float>();
+std::tuple<Tensor, Tensor> dora_dy_cpu(const Tensor& dy_in, const Tensor& c_in, const std::optional<Tensor>& saved_opt) {
+  check_2d(dy_in, "dy");
+  const Tensor dy = dy_in.contiguous();
+  const int64_t M = dy.size(0), N = dy.size(1);
+  TORCH_CHECK(c_in.dim() == 1 && c_in.size(0) == N, "coto_kernels_native.dora_dy: the column scale must have shape [",
+              N, "], got ", c_in.sizes());
+  const bool has_saved = saved_opt.has_value() && saved_opt->defined();
+  Tensor saved;
+  if (has_saved) {
+    TORCH_CHECK(saved_opt->sizes() == dy.sizes() && saved_opt->scalar_type() == dy.scalar_type(),
+                "coto_kernels_native.dora_dy: saved must have dy's shape ", dy.sizes(), " and dtype ",
+                dy.scalar_type(), "; got ", saved_opt->sizes(), " ", saved_opt->scalar_type());
+    saved = saved_opt->contiguous();
+  }
+  const Tensor c = as_fp32(c_in).contiguous();
+  Tensor g = at::empty_like(dy);
+  Tensor dots = at::empty({has_saved ? N : 0}, dy.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "dora_dy", [&] {
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* sp = has_saved ? saved.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gp = g.mutable_data_ptr<scalar_t>();
+    float* dp = has_saved ? dots.mutable_data_ptr<float>() : nullptr;
     const int64_t chunks = (N + kDotChunk - 1) / kDotChunk;
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t n0 = c * kDotChunk;
-        column_dots_chunk(ap, bp, a.stride(0), b.stride(0), M, n0, std::min(kDotChunk, N - n0), op);
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t n0 = chunk * kDotChunk;
+        dora_dy_chunk(dyp, c.const_data_ptr<float>(), sp, gp, N, M, n0, std::min(kDotChunk, N - n0), dp);
       }
     });
   });
-  return out;
+  return {g, dots};
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -370,7 +385,7 @@ TORCH_LIBRARY(coto_kernels_native, m) {
   m.def(
       "lora_dy(Tensor dy, Tensor lora_b, Tensor s, float scaling, bool need_db, bool need_colsum)"
       " -> (Tensor, Tensor, Tensor)");
-  m.def("column_dots(Tensor a, Tensor b) -> Tensor");
+  m.def("dora_dy(Tensor dy, Tensor col_scale, Tensor? saved) -> (Tensor, Tensor)");
   m.def(
       "lora_dx_da(Tensor(a!)? dx, Tensor x, Tensor ds, Tensor lora_a, int seed, float dropout_p, bool need_da)"
       " -> Tensor");
@@ -381,5 +396,5 @@ TORCH_LIBRARY_IMPL(coto_kernels_native, CPU, m) {
   m.impl("lora_down", &coto::lora_down_cpu);
   m.impl("lora_dy", &coto::lora_dy_cpu);
   m.impl("lora_dx_da", &coto::lora_dx_da_cpu);
-  m.impl("column_dots", &coto::column_dots_cpu);
+  m.impl("dora_dy", &coto::dora_dy_cpu);
 }

@@ -92,11 +92,15 @@ def test_ops_match_float64(m, k, n, r, p, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m,n", [(37, 29), (300, 1000), (5, 129)])
-def test_column_dots_match_float64(m, n, dtype):
-    a, b = _rand(m, n + 3, dtype=dtype)[:, 3:], _rand(m, n, dtype=dtype, seed=4)  # a: row stride n + 3
-    dots = _ops().column_dots(a, b)
-    assert dots.dtype == torch.float32 and dots.shape == (n,)
-    assert_matches(dots, (a.double() * b.double()).sum(0), torch.float32, "column dots")
+def test_dora_dy_matches_float64(m, n, dtype):
+    dy, saved = _rand(m, n + 3, dtype=dtype)[:, 3:], _rand(m, n, dtype=dtype, seed=4)  # dy: row stride n + 3
+    scale = torch.rand(n, generator=torch.Generator().manual_seed(m)) + 0.5
+    g, dots = _ops().dora_dy(dy, scale, saved)
+    assert g.dtype == dtype and dots.dtype == torch.float32 and dots.shape == (n,)
+    assert_matches(g, dy.double() * scale.double(), dtype, "G = c dY")
+    assert_matches(dots, (dy.double() * saved.double()).sum(0), torch.float32, "sum_rows(dY * saved)")
+    g_alone, no_dots = _ops().dora_dy(dy, scale, None)
+    assert torch.equal(g_alone, g) and no_dots.numel() == 0
 
 
 def test_ops_optional_outputs_and_strided_x():
@@ -214,7 +218,8 @@ def test_fake_kernels_agree_with_the_real_ones():
     torch.library.opcheck(ops.lora_dy, (dy, lora_b, s, 1.5, False, False))
     torch.library.opcheck(ops.lora_dx_da, (x.clone(), x, s, lora_a, 4, 0.1, True))
     torch.library.opcheck(ops.lora_dx_da, (None, x, s, lora_a, 4, 0.1, True))
-    torch.library.opcheck(ops.column_dots, (x, x.flip(0)))
+    torch.library.opcheck(ops.dora_dy, (x, torch.rand(20), x.flip(0)))
+    torch.library.opcheck(ops.dora_dy, (x, torch.rand(20), None))
 
 
 def test_torch_compile_traces_the_native_ops():

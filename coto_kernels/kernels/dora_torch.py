@@ -49,8 +49,9 @@ from .dropout_mask import dropout_keep_mask
 from .interface import DoraGrads, GradRequest, LoraOptions, weight_nk
 
 __all__ = [
-    "CANCELLATION_GUARD", "clear_weight_norm_cache", "column_dots", "column_scale", "dora_backward", "dora_forward",
-    "dora_row_norm", "dropout_keep_mask", "dropped_input", "magnitude_grad_from_dots", "weight_row_norms_squared",
+    "CANCELLATION_GUARD", "clear_weight_norm_cache", "column_scale", "dora_backward", "dora_forward",
+    "dora_row_norm", "dropout_keep_mask", "dropped_input", "magnitude_grad_from_dots", "scale_dy",
+    "weight_row_norms_squared",
 ]
 
 #: Rows whose expanded n_j^2 falls below this fraction of ||W_j||^2 + ||s (BA)_j||^2 are recomputed exactly.
@@ -211,30 +212,25 @@ def dora_forward(
     return y, s, z if save_z else None
 
 
-def column_dots(a: Tensor, b: Tensor) -> Tensor:
-    """sum_rows(a * b), fp32 [N]: the magnitude gradient's numerator (torch forms the M x N product first)."""
-    return (a * b).sum(0, dtype=torch.float32)
+def scale_dy(dy: Tensor, scale: Tensor, saved: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """G = c * dY (dY's dtype) and, when ``saved`` (Y or Z) is given, sum_rows(dY * saved) in fp32: the magnitude
+    gradient's numerator. torch forms the M x N product dY * saved before reducing it."""
+    g = dy * scale.to(dy.dtype)
+    return g, None if saved is None else (dy * saved).sum(0, dtype=torch.float32)
 
 
-ColumnDots = Callable[[Tensor, Tensor], Tensor]
+ScaleDy = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
 
 
 def _magnitude_grad(
-    dy: Tensor, x: Tensor, y: Tensor | None, weight_rows: Tensor, bias: Tensor | None, lora_b: Tensor,
-    lora_bias: Tensor | None, magnitude: Tensor, norm: Tensor, s: Tensor, z: Tensor | None, scaling: float,
-    dots: ColumnDots,
+    dots: Tensor, dy: Tensor, x: Tensor, weight_rows: Tensor, bias: Tensor | None, lora_b: Tensor,
+    lora_bias: Tensor | None, magnitude: Tensor, norm: Tensor, s: Tensor, from_z: bool, scaling: float,
 ) -> Tensor:
-    """dm = sum_rows(dY * Z) / n, from the saved Z (dropout or bias) or the saved output Y (module docstring)."""
-    if z is not None:
-        return magnitude_grad_from_dots(
-            dots(dy, z), None, from_z=True, dy=dy, x=x, weight_rows=weight_rows, bias=bias,
-            lora_b=lora_b, lora_bias=lora_bias, magnitude=magnitude, norm=norm, s=s, scaling=scaling)
-    if y is None:
-        raise RuntimeError("DoRA backward: the magnitude gradient without dropout needs the saved output y")
+    """dm from ``dots`` = sum_rows(dY * Z) (dropout or bias: Z saved) or sum_rows(dY * Y) (module docstring)."""
+    dy_colsum = dy.sum(0, dtype=torch.float32) if bias is not None and not from_z else None
     return magnitude_grad_from_dots(
-        dots(dy, y), dy.sum(0, dtype=torch.float32) if bias is not None else None,
-        from_z=False, dy=dy, x=x, weight_rows=weight_rows, bias=bias, lora_b=lora_b, lora_bias=lora_bias,
-        magnitude=magnitude, norm=norm, s=s, scaling=scaling)
+        dots, dy_colsum, from_z=from_z, dy=dy, x=x, weight_rows=weight_rows, bias=bias, lora_b=lora_b,
+        lora_bias=lora_bias, magnitude=magnitude, norm=norm, s=s, scaling=scaling)
 
 
 def magnitude_grad_from_dots(
@@ -262,13 +258,16 @@ def magnitude_grad_from_dots(
 def dora_backward(
     dy: Tensor, x: Tensor, y: Tensor | None, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
     lora_bias: Tensor | None, magnitude: Tensor, norm: Tensor, s: Tensor, z_saved: Tensor | None, *,
-    options: LoraOptions, need: GradRequest, need_magnitude: bool, dots: ColumnDots = column_dots,
+    options: LoraOptions, need: GradRequest, need_magnitude: bool, scale_dy: ScaleDy = scale_dy,
 ) -> DoraGrads:
-    """The gradients for 2-D ``dy``; None where not requested. ``dots``: how sum_rows(dY * Y) is reduced (the
-    native backend passes its one-pass op)."""
+    """The gradients for 2-D ``dy``; None where not requested. ``scale_dy``: how G = c * dY and the magnitude
+    gradient's sum_rows(dY * Y) are formed (the native backend passes its one-pass op)."""
     w = weight_nk(weight, options.weight_is_kn)
     scaling = options.scaling
-    g = dy * column_scale(magnitude, norm).to(dy.dtype)  # G = c * dY
+    saved = z_saved if z_saved is not None else y
+    if need_magnitude and saved is None:
+        raise RuntimeError("DoRA backward: the magnitude gradient without dropout needs the saved output y")
+    g, dots = scale_dy(dy, column_scale(magnitude, norm), saved if need_magnitude else None)
     g_lora = g.to(lora_b.dtype)
     ds = (g_lora @ lora_b).mul_(scaling)
     keep = _keep(x, options)  # regenerated once, shared by dA and dX
@@ -281,8 +280,8 @@ def dora_backward(
         d_lora_bias = g_lora.sum(0).mul_(scaling)
     d_bias = dy.sum(0) if need.dbias else None
     if need_magnitude:
-        d_magnitude = _magnitude_grad(dy, x, y, w, bias, lora_b, lora_bias, magnitude, norm, s, z_saved, scaling,
-                                      dots)
+        d_magnitude = _magnitude_grad(dots, dy, x, w, bias, lora_b, lora_bias, magnitude, norm, s,
+                                      z_saved is not None, scaling)
     if need.dx:
         if keep is None:  # dX = G W + dS A: one GEMM, the low-rank term added in place
             dx = _addmm_into(g @ w, ds, lora_a)

@@ -10,7 +10,8 @@ skinny, dropout-fused parts are the ``torch.ops.coto_kernels_native`` ops built 
   from one pass over dY;
 - ``lora_dx_da(dx, x, ds, a, seed, p, need_da)``: dX += drop'(dS A) in place and dA = dS^T drop(X) from one
   pass over X and dX, the mask generated once for both;
-- ``column_dots(a, b)``: sum_rows(a * b) in fp32 without the M x N product (DoRA's magnitude gradient, CPU only).
+- ``dora_dy(dy, c, saved)``: DoRA's G = c * dY and sum_rows(dY * saved) (its magnitude gradient) from one read of
+  dY (CPU only).
 
 The CPU kernels live in ``coto_kernels._native``; the CUDA kernels in ``coto_kernels._native_cuda``, built only
 where torch has CUDA and nvcc is found. Importing this module raises ImportError (with the reason the build
@@ -29,7 +30,7 @@ from torch import Tensor
 from .interface import GradRequest, LoraGrads, LoraOptions, gated_off_runs_frozen_base, weight_nk
 from .lora_torch import blas_lora_forward
 
-__all__ = ["CUDA_STATUS", "column_dots", "dropout_keep_mask", "lora_backward", "lora_forward"]
+__all__ = ["CUDA_STATUS", "dora_dy", "dropout_keep_mask", "lora_backward", "lora_forward"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 _BUILD_HINT = ("build it with `make setup`, `pip install --no-build-isolation -e .` or "
@@ -98,14 +99,15 @@ def _lora_dx_da_fake(dx: Tensor | None, x: Tensor, ds: Tensor, lora_a: Tensor, s
     return x.new_empty(tuple(lora_a.shape) if need_da else (0,), dtype=torch.float32)
 
 
-@torch.library.register_fake("coto_kernels_native::column_dots")
-def _column_dots_fake(a: Tensor, b: Tensor) -> Tensor:
-    return a.new_empty(a.shape[1], dtype=torch.float32)
+@torch.library.register_fake("coto_kernels_native::dora_dy")
+def _dora_dy_fake(dy: Tensor, col_scale: Tensor, saved: Tensor | None) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(dy), dy.new_empty(dy.shape[1] if saved is not None else 0, dtype=torch.float32)
 
 
-def column_dots(a: Tensor, b: Tensor) -> Tensor:
-    """sum_rows(a * b) in fp32 ([N]) for CPU ``a``, ``b`` of one shape and dtype: one read of each, no product."""
-    return _ops.column_dots(a, b)
+def dora_dy(dy: Tensor, col_scale: Tensor, saved: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(G = c * dY, sum_rows(dY * saved) in fp32 or None) for CPU tensors, ``saved`` of dY's shape and dtype."""
+    g, dots = _ops.dora_dy(dy, col_scale, saved)
+    return g, dots if saved is not None else None
 
 
 def dropout_keep_mask(seed: int, shape: tuple[int, int], dropout_p: float, device: torch.device | str) -> Tensor:
