@@ -139,8 +139,12 @@ def column_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
     return magnitude.detach().float() / norm
 
 
-def _keep(x: Tensor, options: LoraOptions) -> Tensor | None:
-    return dropout_keep_mask(options.seed, tuple(x.shape), options.dropout_p, x.device) if options.has_dropout else None
+KeepMask = Callable[[int, tuple[int, int], float, "torch.device | str"], Tensor]
+"""``dropout_keep_mask``'s signature: how a backend generates the (bit-identical) keep mask."""
+
+
+def _keep(x: Tensor, options: LoraOptions, keep_mask: KeepMask = dropout_keep_mask) -> Tensor | None:
+    return keep_mask(options.seed, tuple(x.shape), options.dropout_p, x.device) if options.has_dropout else None
 
 
 def _masked(x: Tensor, keep: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -186,12 +190,13 @@ def _forward_on_base_output(
 
 def dora_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None,
-    magnitude: Tensor, norm: Tensor, *, options: LoraOptions, save_z: bool,
+    magnitude: Tensor, norm: Tensor, *, options: LoraOptions, save_z: bool, keep_mask: KeepMask = dropout_keep_mask,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(Y, S, Z)`` for 2-D ``x``: one base GEMM + in-place low-rank add + column scale without dropout."""
+    """``(Y, S, Z)`` for 2-D ``x``: one base GEMM + in-place low-rank add + column scale without dropout.
+    ``keep_mask``: how the dropout mask is generated (the native backend passes its one-pass op)."""
     w = weight_nk(weight, options.weight_is_kn)
     scale = column_scale(magnitude, norm)
-    keep = _keep(x, options)
+    keep = _keep(x, options, keep_mask)
     if keep is None:
         s = x.to(lora_a.dtype) @ lora_a.t()
         if bias is not None and x.dtype in _FULL_PRECISION:
@@ -259,9 +264,11 @@ def dora_backward(
     dy: Tensor, x: Tensor, y: Tensor | None, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
     lora_bias: Tensor | None, magnitude: Tensor, norm: Tensor, s: Tensor, z_saved: Tensor | None, *,
     options: LoraOptions, need: GradRequest, need_magnitude: bool, scale_dy: ScaleDy = scale_dy,
+    keep_mask: KeepMask = dropout_keep_mask,
 ) -> DoraGrads:
     """The gradients for 2-D ``dy``; None where not requested. ``scale_dy``: how G = c * dY and the magnitude
-    gradient's sum_rows(dY * Y) are formed (the native backend passes its one-pass op)."""
+    gradient's sum_rows(dY * Y) are formed, ``keep_mask``: how the dropout mask is (the native backend passes its
+    one-pass ops for both)."""
     w = weight_nk(weight, options.weight_is_kn)
     scaling = options.scaling
     saved = z_saved if z_saved is not None else y
@@ -270,7 +277,7 @@ def dora_backward(
     g, dots = scale_dy(dy, column_scale(magnitude, norm), saved if need_magnitude else None)
     g_lora = g.to(lora_b.dtype)
     ds = (g_lora @ lora_b).mul_(scaling)
-    keep = _keep(x, options)  # regenerated once, shared by dA and dX
+    keep = _keep(x, options, keep_mask)  # regenerated once, shared by dA and dX
     inv_keep = 1.0 / (1.0 - options.dropout_p) if keep is not None else 1.0
     d_lora_a = d_lora_b = d_lora_bias = d_magnitude = dx = None
     if need.dlora:
