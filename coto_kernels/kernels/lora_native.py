@@ -7,11 +7,14 @@ skinny, dropout-fused parts are the ``torch.ops.coto_kernels_native`` ops built 
 
 - ``lora_down(x, a, seed, p)``: S = drop(X) A^T in fp32, the mask generated inside the loop (no M x K tensor);
 - ``lora_dy(dy, b, s, scaling, need_db, need_colsum)``: dS = s dY B, dB = s dY^T S and the column sums of dY
-  from one pass over dY;
-- ``lora_dx_da(dx, x, ds, a, seed, p, need_da)``: dX += drop'(dS A) in place and dA = dS^T drop(X) from one
-  pass over X and dX, the mask generated once for both;
+  (one pass over dY on CUDA and for half precision on the CPU; fp32 on the CPU is two BLAS calls);
+- ``lora_dx_da(dx, x, ds, a, seed, p, need_da)``: dX += drop'(dS A) in place and dA = dS^T drop(X), the mask
+  generated once per row block for both (fp32 without dropout on the CPU: two BLAS calls, nothing to fuse);
 - ``dora_dy(dy, c, saved)``: DoRA's G = c * dY and sum_rows(dY * saved) (its magnitude gradient) from one read of
-  dY (CPU only).
+  dY (CPU only);
+- ``keep_mask(x, seed, p)``: the mask itself, one vectorised pass (tests, and DoRA's dropout path).
+
+On the CPU the arithmetic of these ops is BLAS on cache-sized row blocks (``csrc/lora_ops.cpp``).
 
 The CPU kernels live in ``coto_kernels._native``; the CUDA kernels in ``coto_kernels._native_cuda``, built only
 where torch has CUDA and nvcc is found. Importing this module raises ImportError (with the reason the build
