@@ -18,15 +18,19 @@ Run with the package importable (``make gpu-check`` uses the project's venv; els
    * ``torch``  ``lora_linear(backend="torch")``: cuBLAS base GEMMs + the torch backend's in-place low-rank add;
    * ``g1c``    gate on with the base GEMMs on cuBLAS and the low-rank term added by the Triton kernel
      (``cublas_below_m`` above M), when ``lora_linear`` takes that argument;
-   * ``native`` ``lora_linear(backend="native")``, when that backend is built here.
+   * ``native`` ``lora_linear(backend="native")``, when that backend is built here;
+   * ``dora``   ``dora_linear(backend="triton")`` (fused DoRA, gate on; with dropout the two-accumulator GEMMs);
+   * ``peft-dora`` PEFT's DoRA layer (``use_dora=True``) around the same base.
 
 3. **End-to-end**: ``coto_kernels.bench.run`` on its ``medium`` preset in bf16 (vanilla PEFT, patched p = 1, the
    full CoTo schedule; interleaved rounds), so one run gives the layer table and the end-to-end saving to set
    beside the CoTo authors' 7.2% (LoRA, LLaMA-2-7B).
 
 The final table gives PASS/FAIL per target of issue 9 (r = 16, M >= 8192): ours/PEFT <= 0.80 at dropout 0 and
-<= 0.75 at dropout 0.05, ours/base <= 1.12, gate-off/base <= 1.01. Results (GPU, versions, date, figures) go to
-``bench/results/gpu_check-<date>.{md,json}`` and to ``$OUT`` when it is set.
+<= 0.75 at dropout 0.05, ours/base <= 1.12, gate-off/base <= 1.01; and of issue 13: fused DoRA / fused LoRA
+<= 1.15 at dropout 0 (with dropout DoRA's formula has two base products, so ~2x is its floor: reported only).
+Results (GPU, versions, date, figures) go to ``bench/results/gpu_check-<date>.{md,json}`` and to ``$OUT`` when
+it is set.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ if not torch.cuda.is_available():  # --quick: the interpreter must be chosen bef
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from coto_kernels.functional import lora_linear  # noqa: E402
+from coto_kernels.functional_dora import dora_linear  # noqa: E402
 from coto_kernels.kernels import KERNEL_BACKENDS, backend_available  # noqa: E402
 
 # (variant, reference, dropout or None for any): bound; at r = 16 and M >= 8192, worst case over the shapes.
@@ -61,9 +66,11 @@ TARGETS = (
     ("g1", "peft", 0.05, 0.75),
     ("g1", "base", None, 1.12),
     ("g0", "base", None, 1.01),
+    ("dora", "g1", 0.0, 1.15),
 )
 AUTHORS_SAVING = 0.072  # CoTo paper: LoRA 7h38 -> 7h05 on LLaMA-2-7B (one A6000)
-LABELS = {"g1": "ours (gate on)", "g0": "ours (gate off)", "peft": "PEFT", "base": "frozen base"}
+LABELS = {"g1": "ours (gate on)", "g0": "ours (gate off)", "peft": "PEFT", "base": "frozen base",
+          "dora": "fused DoRA (gate on)"}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -123,15 +130,16 @@ def make_timer(device: str, quick: bool) -> Callable[[Callable[[], None]], float
     return cpu_time
 
 
-def peft_linear(base: torch.nn.Linear, r: int, p: float) -> torch.nn.Module:
-    """A PEFT LoRA layer around ``base`` (frozen), lora_alpha = 2r."""
+def peft_linear(base: torch.nn.Linear, r: int, p: float, use_dora: bool = False) -> torch.nn.Module:
+    """A PEFT LoRA (or DoRA) layer around ``base`` (frozen), lora_alpha = 2r."""
     from peft import LoraConfig
     from peft.tuners.lora.layer import Linear
 
     try:  # peft >= 0.18 takes the LoraConfig positionally
-        layer = Linear(base, "default", LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p), r=r, lora_alpha=2 * r)
+        layer = Linear(base, "default", LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, use_dora=use_dora), r=r,
+                       lora_alpha=2 * r)
     except TypeError:
-        layer = Linear(base, adapter_name="default", r=r, lora_alpha=2 * r, lora_dropout=p)
+        layer = Linear(base, adapter_name="default", r=r, lora_alpha=2 * r, lora_dropout=p, use_dora=use_dora)
     base.requires_grad_(False)
     return layer
 
@@ -173,6 +181,12 @@ def time_shape(m: int, k: int, n: int, r: int, dropouts: tuple[float, ...], devi
         return step(lambda: lora_linear(x, base.weight, None, a, b, None, scaling=scaling, dropout_p=p, gate=gate,
                                         backend=backend, **extra), (x, a, b))
 
+    magnitude = torch.linalg.norm(base.weight.float(), dim=1).requires_grad_(True)  # PEFT's init: fp32 ||W||
+
+    def fused_dora(p: float) -> Callable[[], None]:
+        return step(lambda: dora_linear(x, base.weight, None, a, b, None, magnitude, scaling=scaling, dropout_p=p,
+                                        backend="triton"), (x, a, b, magnitude))
+
     shared = dict(base=bench(step(lambda: F.linear(x, base.weight), (x,))))
     if "g0" in names:
         shared["g0"] = bench(ours(0.0, gate=False))
@@ -190,10 +204,20 @@ def time_shape(m: int, k: int, n: int, r: int, dropouts: tuple[float, ...], devi
             row["g1c"] = bench(ours(p, cublas_below_m=m + 1))
         if "native" in names:
             row["native"] = bench(ours(p, backend="native"))
+        row["dora"] = bench(fused_dora(p))
+        del layer
+        layer = peft_linear(base, r, p, use_dora=True)
+        layer.lora_A["default"].weight.data.copy_(a.detach())
+        layer.lora_B["default"].weight.data.copy_(b.detach())
+        dora_params = (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                       layer.lora_magnitude_vector["default"].weight)
+        row["peft-dora"] = bench(step(lambda layer=layer: layer(x), dora_params))
         for name in ("g1", "g0", "torch", "g1c", "native"):
             if name in row:
                 row[f"{name}/base"] = row[name] / row["base"]
         row["g1/peft"] = row["g1"] / row["peft"]
+        row["dora/g1"] = row["dora"] / row["g1"]
+        row["dora/peft-dora"] = row["dora"] / row["peft-dora"]
         rows.append(row)
         print("  ".join([f"M={m} K={k} N={n} r={r} p={p}:"] + [f"{key} {value:.3f}" for key, value in row.items()
                                                                  if key not in ("m", "k", "n", "r", "p")]),
@@ -270,11 +294,13 @@ def markdown(meta: dict, parity: dict | None, rows: list[dict], targets: list[di
                 f"{parity['skipped']} skipped ({parity['seconds']} s): **{'ok' if parity['ok'] else 'FAIL'}**", ""]
         out += [f"- {line}" for line in parity["failures"]]
         out.append("")
-    columns = [c for c in ("base", "peft", "g1", "g0", "torch", "g1c", "native", "g1/peft", "g1/base", "g0/base",
-                           "torch/base", "g1c/base", "native/base") if any(c in row for row in rows)]
+    columns = [c for c in ("base", "peft", "g1", "g0", "torch", "g1c", "native", "dora", "peft-dora", "g1/peft",
+                           "g1/base", "g0/base", "torch/base", "g1c/base", "native/base", "dora/g1", "dora/peft-dora")
+               if any(c in row for row in rows)]
     out += ["## Layer: forward + backward (ms, median; ratios per row)", "",
             "g1/g0: ours gate on/off (Triton); torch: cuBLAS base + the torch backend's in-place low-rank add; "
-            "g1c: cuBLAS base + the Triton low-rank add; native: the csrc backend.", "",
+            "g1c: cuBLAS base + the Triton low-rank add; native: the csrc backend; dora: fused DoRA (Triton); "
+            "peft-dora: PEFT's DoRA layer.", "",
             "| M | K | N | r | p | " + " | ".join(columns) + " |", "|---" * (5 + len(columns)) + "|"]
     out += ["| " + " | ".join(_fmt(row.get(c, "-")) for c in ("m", "k", "n", "r", "p", *columns)) + " |"
             for row in rows]
@@ -289,7 +315,7 @@ def markdown(meta: dict, parity: dict | None, rows: list[dict], targets: list[di
         if "coto-schedule" in e2e["saving"]:
             out += ["", f"Full CoTo schedule vs vanilla PEFT: {e2e['saving']['coto-schedule']:.1%} of the step time "
                     f"saved (the authors report {AUTHORS_SAVING:.1%} for LoRA)."]
-    out += ["", "## Targets (issue 9; r = 16, M >= 8192, worst case)", "",
+    out += ["", "## Targets (issues 9 and 13; r = 16, M >= 8192, worst case)", "",
             "| target | dropout | bound | worst | at | verdict |", "|---|---|---|---|---|---|"]
     out += [f"| {t['target']} | {t['dropout']} | <= {t['bound']} | {_fmt(t['worst']) if t['worst'] else '-'} | "
             f"{t['at']} | **{t['verdict']}** |" for t in targets]

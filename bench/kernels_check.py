@@ -162,8 +162,8 @@ VARIANTS = {
     "seed%16==0": dict(seed=1232),
     "M=1": dict(m=1),
     "lm-head-128k": dict(m=16384, n=131072),  # M x N > 2**31: offsets need 64 bits
-    # DoRA through dora_triton (fused only without dropout: p > 0 runs dora_torch, no Triton launch); without a
-    # base bias the output Y is saved for the magnitude gradient, with one the GEMM also stores Z (STORE_Z)
+    # DoRA through dora_triton; without a base bias and dropout the output Y is saved for the magnitude gradient,
+    # with either the GEMM also stores Z (STORE_Z); dropout adds the GEMMs' second accumulator (DORA_DROPOUT)
     "dora": dict(dora=True),
     "dora-biases": dict(dora=True, bias=True, lora_bias=True, need_dbias=True),
 }
@@ -175,12 +175,13 @@ def scenarios(grid: str) -> list[Scenario]:
     deterministic on/off, plus each variant once; ``quick`` is bf16, r 16, p 0 and 0.1."""
     if grid == "quick":
         return ([Scenario(p=p, regime=name, m=m) for p in DROPOUTS for name, m in M_REGIMES]
-                + [Scenario(variant="dora")])
+                + [Scenario(variant="dora", p=p) for p in DROPOUTS])
     out = [Scenario(dtype=d, r=r, p=p, regime=name, m=m, deterministic=det)
            for d, r, p, (name, m), det in itertools.product(DTYPES, RANKS, DROPOUTS, M_REGIMES, (False, True))]
-    # DoRA (issue 13): 16-bit, r 16, no dropout, every M regime, deterministic on/off, with and without biases
-    out += [Scenario(dtype=d, variant=v, regime=name, m=m, deterministic=det)
-            for d, v, (name, m), det in itertools.product(("bf16", "fp16"), DORA_VARIANTS, M_REGIMES, (False, True))]
+    # DoRA (issue 13): 16-bit, r 16, every dropout, M regime, deterministic on/off, with and without biases
+    out += [Scenario(dtype=d, variant=v, p=p, regime=name, m=m, deterministic=det)
+            for d, v, p, (name, m), det in itertools.product(("bf16", "fp16"), DORA_VARIANTS, DROPOUTS, M_REGIMES,
+                                                             (False, True))]
     for variant, opts in VARIANTS.items():
         if variant == "linear" or opts.get("dora"):
             continue

@@ -99,15 +99,50 @@ def test_gate_off_is_the_base_layer_and_launches_no_kernel(monkeypatch):
     assert all(t[name].grad is None for name in ("lora_a", "lora_b", "lora_bias", "magnitude"))
 
 
-def test_dropout_runs_the_torch_kernels_with_one_warning():
-    """Dropout > 0 is not fused in Triton yet: an explicit, warned dispatch to dora_torch (same mask)."""
-    kernels._warn_dropout_fallback_once.cache_clear()
-    t = _inputs(37, 45, 29, 3, F32, lora_bias=True)
-    with pytest.warns(UserWarning, match="do not take dropout"):
-        _check_layer(t, F32, dropout_p=0.3)
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("kn", [False, True], ids=["linear", "conv1d"])
+def test_dropout_two_accumulator_kernels_match_float64_peft(monkeypatch, dtype, bias, kn):
+    """Dropout > 0: PEFT's two-term formula from the GEMMs' two accumulators (DORA_DROPOUT), with the shared mask;
+    fails if a launch falls back to the torch kernels."""
+    def no_torch(*args, **kwargs):
+        raise AssertionError("the Triton DoRA path ran the torch kernels")
+
+    monkeypatch.setattr(kernels.dora_torch, "dora_forward", no_torch)
+    monkeypatch.setattr(kernels.dora_torch, "dora_backward", no_torch)
+    t = _inputs(37, 45, 70, 3, dtype, kn=kn, bias=bias, lora_bias=True)
+    _check_layer(t, dtype, dropout_p=0.3, kn=kn)
+
+
+def test_dropout_with_rank_16_several_tiles_and_unaligned_k():
+    """Several row, column and K tiles (the mask's row keys and K offsets per tile) at an odd K."""
+    t = _inputs(130, 83, 66, 16, BF16, lora_bias=True, seed=5)
+    _check_layer(t, BF16, scaling=0.5, dropout_p=0.1, seed=11)
+
+
+def test_dropout_below_cublas_below_m_runs_the_torch_kernels(monkeypatch):
+    """A handful of rows: two cuBLAS GEMMs each way (dora_torch), with the same mask and no warning."""
+    monkeypatch.setenv(lora_triton.CUBLAS_BELOW_M_ENV, "1000")
+
+    def no_gemm(*args, **kwargs):
+        raise AssertionError("the fused GEMM ran below cublas_below_m with dropout")
+
+    monkeypatch.setattr(lora_triton, "launch_gemm", no_gemm)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _check_layer(_inputs(37, 45, 29, 3, F32, seed=1), F32, dropout_p=0.3)
+        _check_layer(_inputs(37, 45, 29, 3, F32, lora_bias=True), F32, dropout_p=0.3)
+
+
+def test_dropout_gemm_refuses_the_cublas_path():
+    x = torch.randn(8, 16, device=DEVICE)
+    w, a, b = torch.randn(12, 16, device=DEVICE), torch.randn(2, 16, device=DEVICE), torch.randn(12, 2, device=DEVICE)
+    dropout = lora_triton.KernelDropout.of(LoraOptions(scaling=1.0, dropout_p=0.2, seed=1))
+    with pytest.raises(ValueError, match="two-accumulator"):
+        lora_triton.launch_gemm(a=x, b=w, b_strides=(w.stride(1), w.stride(0)), out_features=12, bias=None,
+                                lowrank_s=x @ a.t(), lowrank_l=b, l_strides=(b.stride(1), b.stride(0)),
+                                lora_scale=1.0, lora_bias=None, dropout=dropout, cublas_below_m=100,
+                                cublas_base=lambda: x @ w.t(), col_scale=torch.ones(12, device=DEVICE),
+                                dora_dropout=True)
 
 
 def _direct(t, *, scaling, cublas_below_m, save_z, need, need_magnitude, y_as_saved=False):

@@ -26,10 +26,11 @@ def test_gpu_check_quick_runs_and_reports(tmp_path):
     assert data["meta"]["quick"] and data["parity"]["failed"] == 0 and data["parity"]["errors"] == 0
     assert len(data["layer"]) == 4 and {row["p"] for row in data["layer"]} == {0.0, 0.05}
     for row in data["layer"]:
-        assert all(row[name] > 0 for name in ("base", "peft", "g1", "g0", "torch"))
+        assert all(row[name] > 0 for name in ("base", "peft", "g1", "g0", "torch", "dora", "peft-dora"))
         assert row["g1/peft"] == pytest.approx(row["g1"] / row["peft"])
+        assert row["dora/g1"] == pytest.approx(row["dora"] / row["g1"])
     assert {r["mode"] for r in data["end_to_end"]["results"]} == {"vanilla", "coto-p1", "coto-schedule"}
-    assert [t["verdict"] for t in data["targets"]] == ["n/a (quick)"] * 4
+    assert [t["verdict"] for t in data["targets"]] == ["n/a (quick)"] * 5
     markdown = report.with_suffix(".md").read_text()
     assert "## Targets" in markdown and "## End to end" in markdown and "quick smoke run" in markdown
 
@@ -47,12 +48,13 @@ def _load_gpu_check():
 def test_targets_take_the_worst_target_shape_and_apply_each_bound():
     gpu_check = _load_gpu_check()
 
-    def row(m, p, g1, peft, base=1.0, g0=1.0):
-        return {"m": m, "r": 16, "p": p, "g1/peft": g1 / peft, "g1/base": g1 / base, "g0/base": g0 / base}
+    def row(m, p, g1, peft, base=1.0, g0=1.0, dora=1.0):
+        return {"m": m, "r": 16, "p": p, "g1/peft": g1 / peft, "g1/base": g1 / base, "g0/base": g0 / base,
+                "dora/g1": dora / g1}
 
     rows = [row(2048, 0.0, 5.0, 1.0),  # M < 8192: not a target shape, ignored however bad
-            row(8192, 0.0, 1.05, 1.40), row(16384, 0.0, 1.10, 1.40, g0=1.02),
-            row(8192, 0.05, 1.11, 1.50), row(16384, 0.05, 1.13, 1.50)]
+            row(8192, 0.0, 1.05, 1.40, dora=1.19), row(16384, 0.0, 1.10, 1.40, g0=1.02, dora=1.21),
+            row(8192, 0.05, 1.11, 1.50, dora=2.5), row(16384, 0.05, 1.13, 1.50, dora=2.5)]
     table = {(t["target"], t["dropout"]): t for t in gpu_check.targets_table(rows, quick=False)}
     peft0 = table["ours (gate on) / PEFT", 0.0]
     assert peft0["worst"] == pytest.approx(1.10 / 1.40) and peft0["verdict"] == "PASS"  # 0.786 <= 0.80
@@ -62,4 +64,6 @@ def test_targets_take_the_worst_target_shape_and_apply_each_bound():
     assert base["worst"] == pytest.approx(1.13) and base["at"] == "M=16384 p=0.05" and base["verdict"] == "FAIL"
     gate_off = table["ours (gate off) / frozen base", "any"]
     assert gate_off["worst"] == pytest.approx(1.02) and gate_off["verdict"] == "FAIL"
+    dora = table["fused DoRA (gate on) / ours (gate on)", 0.0]  # dropout rows (two base products) not bounded
+    assert dora["worst"] == pytest.approx(1.19 / 1.05) and dora["at"] == "M=8192 p=0.0" and dora["verdict"] == "PASS"
     assert all(t["verdict"] == "-" for t in gpu_check.targets_table(rows[:1], quick=False))

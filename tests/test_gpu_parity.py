@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import TOLERANCE, gated_lora, relative_error
+from reference import TOLERANCE, check_dora_layer, dora_inputs, gated_lora, relative_error
 
 from coto_kernels.functional import lora_linear
 from coto_kernels.kernels import KERNEL_BACKENDS, backend_available, load_backend
@@ -65,3 +65,21 @@ def test_full_size_parity(shape: str, gate: bool, p: float, backend: str):
     errors = {name: relative_error(out, expected) for name, (out, expected) in pairs.items()}
     worst = max(errors, key=errors.get)
     assert errors[worst] < TOLERANCE[dtype], f"{shape} {backend} gate={gate} p={p}: {errors}"
+
+
+# (M, K, N, r, Conv1D layout, biases): DoRA through dora_linear(backend="triton")
+DORA_SHAPES = {
+    "attn-4096": (4096, 4096, 4096, 16, False, False),
+    "mlp-up-conv1d-biases": (8192, 4096, 11008, 16, True, True),
+    "small-M": (48, 4096, 4096, 16, False, True),  # dropout: the dora_torch route below cublas_below_m
+}
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize("shape", list(DORA_SHAPES))
+def test_full_size_dora_parity(shape: str, p: float):
+    """Output and every gradient (the magnitude's included) against PEFT's DoRA formula in float64; with dropout
+    the GEMMs' two-accumulator path (DORA_DROPOUT) and the shared mask."""
+    m, k, n, r, kn, biases = DORA_SHAPES[shape]
+    t = dora_inputs(m, k, n, r, torch.bfloat16, device="cuda", kn=kn, bias=biases, lora_bias=biases, seed=m + n)
+    check_dora_layer(t, torch.bfloat16, backend="triton", device="cuda", scaling=2.0, dropout_p=p, kn=kn, seed=1234)

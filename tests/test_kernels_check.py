@@ -206,7 +206,7 @@ def test_full_grid_covers_the_issue_product():
     assert len(main) == 4 * 5 * 2 * 3 * 2
     assert {s.variant for s in grid} == set(kc.VARIANTS)
     dora = [s for s in grid if s.variant in kc.DORA_VARIANTS]
-    assert {s.dtype for s in dora} == {"bf16", "fp16"} and {s.p for s in dora} == {0.0}
+    assert {s.dtype for s in dora} == {"bf16", "fp16"} and {s.p for s in dora} == {0.0, 0.1}
     assert {s.m for s in dora} == {48, 1024, 16384} and {s.deterministic for s in dora} == {False, True}
 
 
@@ -253,3 +253,14 @@ def test_one_real_compile_and_the_cache(tmp_path):
     assert "PASS" in (tmp_path / "kc.md").read_text()
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and "1 compiles reused" in second.stdout and "0 to compile" in second.stdout
+
+
+def test_committed_report_covers_the_dora_dropout_gemms_on_both_targets():
+    """The two-accumulator DoRA GEMMs (forward and dX, with and without biases) are in the committed report for
+    sm_80 and sm_90, without spills or stack: what CI reuses as its cache."""
+    report = json.loads((Path(kc.__file__).resolve().parent.parent / "docs" / "kernels_check.json").read_text())
+    twins = [row for row in report["compiles"] if row["config"].get("DORA_DROPOUT")]
+    seen = {(row["target"], bool(row["config"]["HAS_COL_SCALE"]), bool(row["config"]["HAS_BIAS"])) for row in twins}
+    assert seen >= {(t, fwd, bias) for t in ("sm_80", "sm_90") for fwd, bias in ((True, False), (True, True),
+                                                                                   (False, False))}
+    assert all(not (row["spill_stores"] or row["spill_loads"] or row["stack"] or row["stack_frame"]) for row in twins)

@@ -13,6 +13,19 @@ The kernels are ``lora_triton``'s, with constexpr flags (no DoRA copies); c = m 
                                              the GEMM's K as it is loaded
               dA = dS^T X                    _lora_x_pass_kernel, FOR_DA (unchanged)
 
+**Dropout (PEFT's two-term formula).** Y = X W^T + bias + (c - 1) D W^T + c s (S B^T + lora_bias), D = drop(X):
+the S and dA passes regenerate the mask as for LoRA, and the two base products of each GEMM come from one pass
+over the A and B tiles into two fp32 accumulators (the GEMM's DORA_DROPOUT; its docstring has the algebra):
+
+    forward   acc = X W^T + L, dropped = keep*X W^T + (1-p) L    Y = acc + (c - 1) Z + bias, Z = dropped/(1-p) (+ s lb)
+    dX        acc = dY W, dropped = ((c - 1) dY) W + dS A         dX = acc + drop'(dropped)
+
+so no dropped copy of X, no M x N G or (G - dY), and W and the activations are read once per GEMM (PEFT: two
+base GEMMs each way, plus dropout's M x K output). The MMA work is still doubled: the two products are
+different. Z is saved for the magnitude gradient (it cannot be recovered from Y). Token counts below
+``cublas_below_m`` run ``dora_torch`` (two cuBLAS GEMMs each way): the kernel's main loop is what fuses the
+pair, and a handful of rows gains nothing from it.
+
 **dX: the scale on the A operand, not a host-built G.** G = c * dY made on the host is one more M x N read and
 write of dY's dtype (M = 8192, N = 4096, bf16: 128 MiB of traffic, ~7% of the dX GEMM's time on an H200 at
 its roofline) plus an M x N temporary; scaling each loaded dY tile costs no bytes, only BLOCK_M x BLOCK_K fp32
@@ -22,16 +35,12 @@ multiplies per K step next to a BLOCK_M x BLOCK_N x BLOCK_K MMA.
 bias, Z (written by the forward GEMM's epilogue, STORE_Z) with one; the dY pass reduces sum_rows(dY * saved) and
 ``dora_torch.magnitude_grad_from_dots`` finishes dm (/ n or / m, the m_j = 0 columns recomputed).
 
-**Routed to ``dora_torch``** (same math and dropout mask): dropout > 0 (the two-accumulator kernels of issue 13
-are not written yet; one warning), and what ``lora_triton`` itself routes to torch (rank above ``MAX_RANK``,
-IEEE fp32 with TF32 off). The row norm is ``dora_torch.dora_row_norm`` (an N x r skinny product and an r x r
-Gram: no kernel of its own needed).
+**Routed to ``dora_torch``** (same math and dropout mask): dropout with M < ``cublas_below_m`` (above), and what
+``lora_triton`` itself routes to torch (rank above ``MAX_RANK``, IEEE fp32 with TF32 off). The row norm is
+``dora_torch.dora_row_norm`` (an N x r skinny product and an r x r Gram: no kernel of its own needed).
 """
 
 from __future__ import annotations
-
-import functools
-import warnings
 
 import torch
 from torch import Tensor
@@ -44,18 +53,11 @@ from .interface import DoraGrads, GradRequest, LoraOptions, weight_nk
 __all__ = ["column_scale", "dora_backward", "dora_forward", "dora_row_norm", "dropout_keep_mask", "dropped_input"]
 
 
-@functools.cache
-def _warn_dropout_fallback_once() -> None:
-    warnings.warn("coto_kernels: the Triton DoRA kernels do not take dropout > 0 yet; DoRA layers with dropout run "
-                  "the torch DoRA kernels (same math and dropout mask)", stacklevel=4)
-
-
-def _uses_torch_kernels(x: Tensor, options: LoraOptions, rank: int) -> bool:
-    """Calls the Triton DoRA path does not take (module docstring); warns once for dropout."""
-    if options.has_dropout:
-        _warn_dropout_fallback_once()
+def _uses_torch_kernels(x: Tensor, options: LoraOptions, rank: int, cublas_below_m: int) -> bool:
+    """Calls the Triton DoRA path does not take (module docstring)."""
+    if x.shape[0] == 0 or lora_triton.uses_torch_backend(x, rank):
         return True
-    return x.shape[0] == 0 or lora_triton.uses_torch_backend(x, rank)
+    return options.has_dropout and x.shape[0] < cublas_below_m
 
 
 def dora_forward(
@@ -66,19 +68,23 @@ def dora_forward(
 
     ``cublas_below_m``: as in ``lora_triton.lora_forward`` (token counts below it run the base GEMM on cuBLAS).
     """
-    if _uses_torch_kernels(x, options, lora_a.shape[0]):
+    cublas_below_m = lora_triton.resolve_cublas_below_m(cublas_below_m)
+    if _uses_torch_kernels(x, options, lora_a.shape[0], cublas_below_m):
         return dora_torch.dora_forward(x, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm,
                                        options=options, save_z=save_z)
     w_nk = weight_nk(weight, options.weight_is_kn)
     n = w_nk.shape[0]
-    s = lora_triton.launch_x_pass(x, lora_a, lora_triton.NO_DROPOUT, for_da=False)
-    z = torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype) if save_z and bias is not None else None
+    dropout = lora_triton.KernelDropout.of(options)
+    s = lora_triton.launch_x_pass(x, lora_a, dropout, for_da=False)
+    # with dropout Z cannot be recovered from Y (which also holds X W^T): kept whenever dm is needed
+    keep_z = save_z and (bias is not None or dropout.enabled)
+    z = torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype) if keep_z else None
     y = lora_triton.launch_gemm(
         a=x, b=w_nk, b_strides=(w_nk.stride(1), w_nk.stride(0)), out_features=n, bias=bias,
         lowrank_s=s, lowrank_l=lora_b, l_strides=(lora_b.stride(1), lora_b.stride(0)), lora_scale=options.scaling,
-        lora_bias=lora_bias, dropout=lora_triton.NO_DROPOUT,
-        cublas_below_m=lora_triton.resolve_cublas_below_m(cublas_below_m),
+        lora_bias=lora_bias, dropout=dropout, cublas_below_m=cublas_below_m,
         cublas_base=lambda: F.linear(x, w_nk), col_scale=column_scale(magnitude, norm), z_out=z,
+        dora_dropout=dropout.enabled,
     )
     return y, s, z
 
@@ -89,7 +95,8 @@ def dora_backward(
     options: LoraOptions, need: GradRequest, need_magnitude: bool, cublas_below_m: int | None = None,
 ) -> DoraGrads:
     """The gradients for 2-D ``dy``; None where not requested. ``s``: what ``dora_forward`` returned."""
-    if _uses_torch_kernels(x, options, lora_a.shape[0]):
+    cublas_below_m = lora_triton.resolve_cublas_below_m(cublas_below_m)
+    if _uses_torch_kernels(x, options, lora_a.shape[0], cublas_below_m):
         return dora_torch.dora_backward(
             dy, x, y, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm, s.to(lora_a.dtype), z_saved,
             options=options, need=need, need_magnitude=need_magnitude)
@@ -102,6 +109,7 @@ def dora_backward(
     sums = lora_triton.launch_dy_reductions(
         dy, lora_b, s, options.scaling, need, x.dtype, col_scale=scale,
         need_dy_colsum=need.dbias or from_y_with_bias, saved=saved if need_magnitude else None)
+    dropout = lora_triton.KernelDropout.of(options)
     d_magnitude = None
     if need_magnitude:
         d_magnitude = dora_torch.magnitude_grad_from_dots(
@@ -109,17 +117,17 @@ def dora_backward(
             lora_b=lora_b, lora_bias=lora_bias, magnitude=magnitude, norm=norm, s=s.to(lora_a.dtype),
             scaling=options.scaling)
     dx = None
-    if need.dx:
+    if need.dx:  # dropout: dX = dY W + drop'((c - 1) dY W + dS A), both products from one pass (DORA_DROPOUT)
         dx = lora_triton.launch_gemm(
             a=dy, b=w_nk, b_strides=(w_nk.stride(0), w_nk.stride(1)), out_features=w_nk.shape[1], bias=None,
             lowrank_s=sums.ds, lowrank_l=lora_a, l_strides=(lora_a.stride(0), lora_a.stride(1)), lora_scale=1.0,
-            lora_bias=None, dropout=lora_triton.NO_DROPOUT,
-            cublas_below_m=lora_triton.resolve_cublas_below_m(cublas_below_m),
-            cublas_base=lambda: (dy * scale.to(dy.dtype)) @ w_nk, a_scale=scale,
+            lora_bias=None, dropout=dropout, cublas_below_m=cublas_below_m,
+            cublas_base=lambda: (dy * scale.to(dy.dtype)) @ w_nk, a_scale=scale - 1.0 if dropout.enabled else scale,
+            dora_dropout=dropout.enabled,
         )
     d_lora_a = d_lora_b = None
     if need.dlora:
-        d_lora_a = lora_triton.launch_x_pass(x, sums.ds, lora_triton.NO_DROPOUT, for_da=True).to(lora_a.dtype)
+        d_lora_a = lora_triton.launch_x_pass(x, sums.ds, dropout, for_da=True).to(lora_a.dtype)
         d_lora_b = sums.db.to(lora_b.dtype)
     return DoraGrads(
         dx=dx,

@@ -10,10 +10,10 @@ Kernels, one launcher each::
     _lora_x_pass_kernel  dA = dS^T drop(X)           the same kernel with FOR_DA: one skinny pass over X
 
 DoRA (``dora_triton``) uses the same kernels through constexpr flags: the GEMM's HAS_COL_SCALE / STORE_Z
-(per-output-column scale in the epilogue, lora_bias before it and the bias after it; the pre-scale output
-optionally stored) and A_COL_SCALE (the A operand scaled along K as it is loaded: dX = (c * dY) W), and the dY
-pass's HAS_COL_SCALE / COMPUTE_DY_COLSUM / COMPUTE_DM (dS, dB, colsum of c * dY, plus colsum(dY) and
-sum_rows(dY * saved output) from the same tiles).
+(per-column scale in the epilogue; the pre-scale output optionally stored), A_COL_SCALE (A scaled along K as it
+is loaded: dX = (c * dY) W) and DORA_DROPOUT (dropout: a second accumulator takes drop(X) W^T, or ((c - 1) dY) W
+for dX, from the same tiles), and the dY pass's HAS_COL_SCALE / COMPUTE_DY_COLSUM / COMPUTE_DM (dS, dB, colsum
+of c * dY, plus colsum(dY) and sum_rows(dY * saved output) from the same tiles).
 
 The dropout mask is ``coto_kernels.kernels.dropout_mask``'s hash of (seed, row, column pair), regenerated in the
 S pass, the dX accumulator seed and the dA pass (never stored). The host derives the seed keys and the threshold
@@ -138,7 +138,13 @@ def _pair_hash(row_keys, column_keys):
 @triton.jit
 def _keep_mask(offs_m, offs_k, mask_key0, mask_key1, mask_threshold):
     """keep[m, k] of ``dropout_mask`` for a [len(offs_m), len(offs_k)] tile, one element at a time."""
-    h = _pair_hash(_mask_row_keys(offs_m, mask_key0), _mask_column_keys(offs_k >> 1, mask_key1))
+    return _keep_mask_of_rows(_mask_row_keys(offs_m, mask_key0), offs_k, mask_key1, mask_threshold)
+
+
+@triton.jit
+def _keep_mask_of_rows(row_keys, offs_k, mask_key1, mask_threshold):
+    """``_keep_mask`` with the rows' keys already made (a loop over K reuses them at every step)."""
+    h = _pair_hash(row_keys, _mask_column_keys(offs_k >> 1, mask_key1))
     half = (h >> ((offs_k & 1) * 16).to(tl.uint32)[None, :]) & _HALF_MASK
     return half.to(tl.int32) >= mask_threshold
 
@@ -225,6 +231,23 @@ def _scaled_along_k(a, a_scale_ptr, offs_k, K, CDT: tl.constexpr):
     return (a.to(tl.float32) * scale[None, :]).to(CDT)
 
 
+@triton.jit
+def _twin_dots(a, b, acc, dropped, row_keys, offs_k, K, a_scale_ptr, mask_key1, mask_threshold,
+               DROPPED_INPUT: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One K step of DORA_DROPOUT: both accumulators from the same A and B tiles (one load, two MMAs).
+
+    acc += A B, and dropped += (keep * A) B (DROPPED_INPUT, the forward: keep is X's dropout mask over [M, K])
+    or dropped += (a_scale * A) B (the dX GEMM, whose mask falls on the output instead).
+    """
+    if DROPPED_INPUT:
+        other = tl.where(_keep_mask_of_rows(row_keys, offs_k, mask_key1, mask_threshold), a, 0.0).to(CDT)
+    else:
+        other = _scaled_along_k(a, a_scale_ptr, offs_k, K, CDT)
+    b = b.to(CDT)
+    acc = tl.dot(a.to(CDT), b, acc, input_precision=DOT_PRECISION)
+    return acc, tl.dot(other, b, dropped, input_precision=DOT_PRECISION)
+
+
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _fused_gemm_kernel(
     a_ptr, b_ptr, c_ptr, s_ptr, l_ptr, bias_ptr, lbias_ptr, col_scale_ptr, a_scale_ptr, z_ptr,
@@ -234,7 +257,7 @@ def _fused_gemm_kernel(
     lora_scale, lbias_scale, drop_scale, mask_key0, mask_key1, mask_threshold,
     HAS_MAIN: tl.constexpr, LORA_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LORA_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_COL_SCALE: tl.constexpr, STORE_Z: tl.constexpr,
-    A_COL_SCALE: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    A_COL_SCALE: tl.constexpr, DORA_DROPOUT: tl.constexpr, CDT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INT64_OFFSETS: tl.constexpr, USE_TMA: tl.constexpr, B_K_CONTIGUOUS: tl.constexpr, EVEN_K: tl.constexpr,
     R_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -252,6 +275,15 @@ def _fused_gemm_kernel(
               lora_bias before it.
     DoRA dX (no dropout): A_COL_SCALE with a_scale = c: each A tile (dY) is scaled along K (= N) as it is loaded,
               so G W = (c * dY) W runs without an M x N G in memory.
+    DORA_DROPOUT (LORA_DROPOUT's mask keys, p > 0; PEFT's two-term formula, D = drop(X) = keep * X / (1 - p)):
+    a second fp32 accumulator ``dropped`` takes the dropped branch's product from the same A and B tiles
+    (``_twin_dots``), so the two base products cost one pass over A and B instead of two GEMMs:
+      forward (HAS_COL_SCALE): acc = L + X W^T, dropped = (1 - p) L + (keep * X) W^T with L = s S B^T, so
+              Z = drop_scale * dropped + s lbias = D W^T + s (S B^T + lbias), and
+              Y = acc + s lbias + (c - 1) * Z + bias = X W^T + (c - 1) D W^T + c s (S B^T + lbias) + bias;
+              Z is what STORE_Z writes.
+      dX (A_COL_SCALE with a_scale = c - 1): acc = dY W, dropped = dS A + ((c - 1) * dY) W, and
+              dX = acc + keep'[m, k] * drop_scale * dropped = dY W + drop'((G - dY) W + dS A).
     HAS_MAIN=False drops the K loop (low-rank term only) and ACCUMULATE adds the existing C (the base GEMM,
     without bias when HAS_COL_SCALE): the cuBLAS path.
     Schedule: program i of the grid computes output tiles i, i + grid size, ... (grouped GROUP_M row-tiles at a
@@ -284,7 +316,14 @@ def _fused_gemm_kernel(
         lt = tl.load(l_ptr + offs_r[:, None] * stride_lr + offs_n[None, :] * stride_ln,
                      mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0).to(CDT)
         acc = tl.dot(s, lt, input_precision=DOT_PRECISION)
-        if LORA_DROPOUT:
+        if DORA_DROPOUT:
+            row_keys = _mask_row_keys(offs_m, mask_key0)
+            if HAS_COL_SCALE:  # forward: the low-rank term seeds both, the dropped one pre-divided by drop_scale
+                dropped = acc * (1.0 / drop_scale)
+            else:  # dX: the low-rank term belongs to the dropped branch only
+                dropped = acc
+                acc = tl.zeros_like(dropped)
+        elif LORA_DROPOUT:
             keep = _keep_mask(offs_m, offs_n, mask_key0, mask_key1, mask_threshold)
             acc = tl.where(keep, acc * drop_scale, 0.0)
 
@@ -292,13 +331,18 @@ def _fused_gemm_kernel(
             if USE_TMA:  # out-of-bounds rows/columns/K read as zeros
                 for k in range(0, tl.cdiv(K, BLOCK_K)):
                     a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
-                    if A_COL_SCALE:
+                    if A_COL_SCALE and not DORA_DROPOUT:
                         a = _scaled_along_k(a, a_scale_ptr, k * BLOCK_K + tl.arange(0, BLOCK_K), K, CDT)
                     if B_K_CONTIGUOUS:
                         b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K]).T
                     else:
                         b = b_desc.load([k * BLOCK_K, pid_n * BLOCK_N])
-                    acc = tl.dot(a.to(CDT), b.to(CDT), acc, input_precision=DOT_PRECISION)
+                    if DORA_DROPOUT:
+                        acc, dropped = _twin_dots(a, b, acc, dropped, row_keys, k * BLOCK_K + tl.arange(0, BLOCK_K),
+                                                  K, a_scale_ptr, mask_key1, mask_threshold, HAS_COL_SCALE, CDT,
+                                                  DOT_PRECISION)
+                    else:
+                        acc = tl.dot(a.to(CDT), b.to(CDT), acc, input_precision=DOT_PRECISION)
             else:
                 # Wrapped rows/columns read valid memory and are never stored, so only K needs a load mask.
                 rm = offs_m % M
@@ -314,9 +358,13 @@ def _fused_gemm_kernel(
                         k_left = K - k * BLOCK_K
                         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
                         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-                    if A_COL_SCALE:
-                        a = _scaled_along_k(a, a_scale_ptr, k * BLOCK_K + offs_k, K, CDT)
-                    acc = tl.dot(a.to(CDT), b.to(CDT), acc, input_precision=DOT_PRECISION)
+                    if DORA_DROPOUT:
+                        acc, dropped = _twin_dots(a, b, acc, dropped, row_keys, k * BLOCK_K + offs_k, K, a_scale_ptr,
+                                                  mask_key1, mask_threshold, HAS_COL_SCALE, CDT, DOT_PRECISION)
+                    else:
+                        if A_COL_SCALE:
+                            a = _scaled_along_k(a, a_scale_ptr, k * BLOCK_K + offs_k, K, CDT)
+                        acc = tl.dot(a.to(CDT), b.to(CDT), acc, input_precision=DOT_PRECISION)
                     a_ptrs += BLOCK_K * stride_ak
                     b_ptrs += BLOCK_K * stride_bk
 
@@ -326,12 +374,25 @@ def _fused_gemm_kernel(
         if ACCUMULATE:
             acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
         if HAS_LORA_BIAS:
-            acc += lbias_scale * tl.load(lbias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            lbias = lbias_scale * tl.load(lbias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            acc += lbias
+        z = acc  # the pre-scale output
+        if DORA_DROPOUT and HAS_COL_SCALE:
+            z = dropped * drop_scale
+            if HAS_LORA_BIAS:
+                z += lbias
         if STORE_Z:
             tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn,
-                     acc.to(z_ptr.dtype.element_ty), mask=c_mask)
+                     z.to(z_ptr.dtype.element_ty), mask=c_mask)
         if HAS_COL_SCALE:
-            acc *= tl.load(col_scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+            col_scale = tl.load(col_scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+            if DORA_DROPOUT:
+                acc += (col_scale - 1.0) * z
+            else:
+                acc *= col_scale
+        elif DORA_DROPOUT:
+            keep = _keep_mask_of_rows(row_keys, offs_n, mask_key1, mask_threshold)
+            acc += tl.where(keep, dropped * drop_scale, 0.0)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
@@ -394,7 +455,7 @@ _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] 
 _fused_gemm = triton.autotune(
     configs=gemm_configs(),
     key=["M_BUCKET", "N", "K", "LORA_DROPOUT", "HAS_MAIN", "R_BLOCK", "USE_TMA", "A_COL_SCALE", "HAS_COL_SCALE",
-         "STORE_Z"],
+         "STORE_Z", "DORA_DROPOUT"],
     prune_configs_by={"early_config_prune": prune_gemm_configs},
 )(_even_k(_fused_gemm_kernel))
 
@@ -550,6 +611,10 @@ def gemm_tile_spills(cfg: triton.Config, args: dict) -> bool:
     * 128 fp32 accumulator elements per thread spill with the dX dropout prologue, DoRA's STORE_Z epilogue, the
       pointer main loop of sm_80 (dX 128x128/4 warps, A_COL_SCALE 128x256/8) and, from R_BLOCK 128, next to the
       low-rank prologue on the TMA path (144 B at 128x128/4 warps); 64 do not.
+    * DORA_DROPOUT holds two accumulators: 64 elements of each per thread fit on the TMA path (sm_90: 246-254
+      registers, no spill) except in a forward with biases, whose epilogue adds the per-column lora_bias, scale
+      and bias vectors (spill stores: 128x128/8 warps 32 B, 64x128/4 warps 16 B); the pointer main loop spilled
+      at 64 (sm_80: 128x128/8 warps 512 B forward, 72 B dX; 64x128/4 warps dX 32 B). Those keep 32 (64x64).
     * Unaligned operands (``gemm_operands_aligned``: e.g. K = 4100) load element by element with masks: every
       tile with 64 accumulator elements per thread or BLOCK_K 64 spilled (400-9800 B on sm_80 and sm_90), so
       only 64x64x32-sized tiles (32 per thread) remain.
@@ -557,6 +622,9 @@ def gemm_tile_spills(cfg: triton.Config, args: dict) -> bool:
     per_thread = cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] // (32 * cfg.num_warps)
     if not gemm_operands_aligned(args):
         return per_thread > 32 or cfg.kwargs["BLOCK_K"] > 32
+    if args.get("DORA_DROPOUT"):
+        biased_forward = args["HAS_COL_SCALE"] and (args["HAS_BIAS"] or args["HAS_LORA_BIAS"])
+        return per_thread > (64 if args["USE_TMA"] and not biased_forward else 32)
     roomy = args["USE_TMA"] and not args["LORA_DROPOUT"] and not args["STORE_Z"] and args["R_BLOCK"] < 128
     return per_thread > (128 if roomy else 64)
 
@@ -757,7 +825,7 @@ def skinny_config(kernel: str, r_block: int, x_bytes: int, side_bytes: int, x_al
 
 
 @dataclass(frozen=True)
-class _Dropout:
+class KernelDropout:
     """The dropout of one call as kernel arguments: the mask's seed keys and threshold, hoisted to the host."""
 
     enabled: bool
@@ -767,10 +835,10 @@ class _Dropout:
     threshold: int
 
     @staticmethod
-    def of(options: LoraOptions) -> _Dropout:
+    def of(options: LoraOptions) -> KernelDropout:
         key0, key1 = seed_keys(options.seed)
         scale = 1.0 / (1.0 - options.dropout_p) if options.has_dropout else 1.0
-        return _Dropout(options.has_dropout, scale, key0, key1, keep_threshold(options.dropout_p))
+        return KernelDropout(options.has_dropout, scale, key0, key1, keep_threshold(options.dropout_p))
 
     def kernel_args(self) -> dict:
         """The kernels' dropout arguments (the same names in every kernel)."""
@@ -778,7 +846,7 @@ class _Dropout:
                     mask_threshold=self.threshold, LORA_DROPOUT=self.enabled)
 
 
-NO_DROPOUT = _Dropout(enabled=False, scale=1.0, key0=0, key1=0, threshold=0)
+NO_DROPOUT = KernelDropout(enabled=False, scale=1.0, key0=0, key1=0, threshold=0)
 
 
 @dataclass
@@ -848,7 +916,7 @@ def pairs_in_words(x: Tensor) -> bool:
             and x.storage_offset() % 2 == 0)
 
 
-def launch_x_pass(x: Tensor, side: Tensor, dropout: _Dropout, *, for_da: bool) -> Tensor:
+def launch_x_pass(x: Tensor, side: Tensor, dropout: KernelDropout, *, for_da: bool) -> Tensor:
     """S = drop(X) A^T (fp32 [M, r]; side = A) or dA = dS^T drop(X) (fp32 [r, K]; side = dS)."""
     m, k = x.shape
     r = side.shape[1] if for_da else side.shape[0]
@@ -943,11 +1011,13 @@ def launch_dy_reductions(dy: Tensor, lora_b: Tensor, s: Tensor | None, scaling: 
 
 def launch_gemm(*, a: Tensor, b: Tensor, b_strides: tuple[int, int], out_features: int, bias: Tensor | None,
                  lowrank_s: Tensor, lowrank_l: Tensor, l_strides: tuple[int, int], lora_scale: float,
-                 lora_bias: Tensor | None, dropout: _Dropout, cublas_below_m: int,
+                 lora_bias: Tensor | None, dropout: KernelDropout, cublas_below_m: int,
                  cublas_base: Callable[[], Tensor], col_scale: Tensor | None = None,
-                 a_scale: Tensor | None = None, z_out: Tensor | None = None) -> Tensor:
+                 a_scale: Tensor | None = None, z_out: Tensor | None = None, dora_dropout: bool = False) -> Tensor:
     """C = col_scale * Z + bias, Z = (A * a_scale) B_op + masked low-rank term (lora_scale S L) + lora_scale
     lora_bias, C [M, out_features]; Z is also written to ``z_out`` when given (``_fused_gemm_kernel``).
+    ``dora_dropout``: DoRA's two-accumulator forward (with ``col_scale``) or dX (with ``a_scale`` = c - 1) under
+    ``dropout`` (the kernel's DORA_DROPOUT); its main loop always runs in the kernel (``M >= cublas_below_m``).
 
     For ``M < cublas_below_m`` the base GEMM comes from ``cublas_base()`` (A B_op on cuBLAS, + bias unless
     ``col_scale`` is given: then the bias must follow the scale in the epilogue) and the kernel, its main loop
@@ -957,6 +1027,8 @@ def launch_gemm(*, a: Tensor, b: Tensor, b_strides: tuple[int, int], out_feature
     n = out_features
     r = lowrank_s.shape[1]
     on_cublas = m < cublas_below_m
+    if dora_dropout and (on_cublas or not dropout.enabled):
+        raise ValueError("the two-accumulator DoRA GEMM needs dropout and its own main loop (M >= cublas_below_m)")
     c = cublas_base() if on_cublas else torch.empty((m, n), device=a.device, dtype=a.dtype)
     bias_in_kernel = bias is not None and (not on_cublas or col_scale is not None)
     args = dict(
@@ -972,7 +1044,8 @@ def launch_gemm(*, a: Tensor, b: Tensor, b_strides: tuple[int, int], out_feature
         lora_scale=lora_scale, lbias_scale=lora_scale, **dropout.kernel_args(),
         HAS_MAIN=not on_cublas, HAS_BIAS=bias_in_kernel, HAS_LORA_BIAS=lora_bias is not None,
         ACCUMULATE=on_cublas, HAS_COL_SCALE=col_scale is not None, STORE_Z=z_out is not None,
-        A_COL_SCALE=a_scale is not None and not on_cublas, CDT=_compute_dtype(a.dtype), DOT_PRECISION=_DOT_PRECISION,
+        A_COL_SCALE=a_scale is not None and not on_cublas, DORA_DROPOUT=dora_dropout, CDT=_compute_dtype(a.dtype),
+        DOT_PRECISION=_DOT_PRECISION,
         INT64_OFFSETS=needs_int64_offsets(a, b, c, lowrank_s, lowrank_l, z_out), R_BLOCK=_r_block(r),
         USE_TMA=False, B_K_CONTIGUOUS=b_strides[0] == 1,
     )
@@ -1005,7 +1078,7 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int], dropout_p: float, devic
     m, k = shape
     out = torch.empty((m, k), dtype=torch.int8, device=device)
     if m and k:
-        dropout = _Dropout.of(LoraOptions(scaling=1.0, dropout_p=dropout_p, seed=seed))
+        dropout = KernelDropout.of(LoraOptions(scaling=1.0, dropout_p=dropout_p, seed=seed))
         _keep_mask_kernel[(triton.cdiv(m, 64), triton.cdiv(k, 64))](
             out_ptr=out, M=m, K=k, mask_key0=dropout.key0, mask_key1=dropout.key1,
             mask_threshold=dropout.threshold, BLOCK_M=64, BLOCK_K=64)
@@ -1029,7 +1102,7 @@ def lora_forward(
     m = x.shape[0]
     if m == 0:
         return x.new_empty((0, w_nk.shape[0])), x.new_empty((0, lora_a.shape[0]), dtype=torch.float32)
-    s = launch_x_pass(x, lora_a, _Dropout.of(options), for_da=False)
+    s = launch_x_pass(x, lora_a, KernelDropout.of(options), for_da=False)
     y = launch_gemm(
         a=x, b=w_nk, b_strides=(w_nk.stride(1), w_nk.stride(0)), out_features=w_nk.shape[0], bias=bias,
         lowrank_s=s, lowrank_l=lora_b, l_strides=(lora_b.stride(1), lora_b.stride(0)), lora_scale=options.scaling,
@@ -1061,7 +1134,7 @@ def lora_backward(
             torch.zeros((n,), device=dy.device)
     else:
         ds, db, colsum, _, _ = launch_dy_reductions(dy, lora_b, s, options.scaling, need, x.dtype)
-    dropout = _Dropout.of(options)
+    dropout = KernelDropout.of(options)
     dx = da = None
     if need.dx:
         dx = x.new_empty((0, k)) if m == 0 else launch_gemm(
