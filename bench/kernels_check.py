@@ -35,7 +35,9 @@ How, without hard-coding the kernels:
    BLOCK_M x BLOCK_K of X in the S and dA passes), the cost per element is
    ``loop instructions x threads per program / (tile elements)``: the instructions a thread issues per
    element it owns. The S/dA passes with dropout at the issue's setting (16-bit X, r = 16, aligned) must
-   stay <= 8 (issue 9): above it the compile fails; other ranks and shapes are reported.
+   stay <= 8 (issue 9): above it the compile fails; other ranks and shapes are reported. DoRA's dropout
+   forward GEMM (two accumulators, the mask applied to each X tile) is measured on its K loop, the smallest loop
+   holding an MMA, per element of the X tile: <= 12 for tiles of BLOCK_N >= 128 (``TWIN_LOOP_TARGET_PER_ELEMENT``).
 
 Results go to ``docs/kernels_check.{md,json}``. The JSON doubles as a cache: a compile whose key (Triton's
 cache key: Triton and ptxas versions, the kernel's source and line, specialisation, target, options) is already
@@ -81,6 +83,11 @@ from unittest import mock
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "kernels_check"
 LOOP_TARGET_PER_ELEMENT = 8.0  # issue 9: SASS instructions per element of X in the S/dA loops, with dropout
+# DoRA's dropout forward (issue 13): SASS instructions per element of the X tile in the fused GEMM's K loop, both
+# MMAs and the mask included, for tiles of BLOCK_N >= 128 (the ones large token counts run; smaller tiles spread
+# the loop's fixed cost over fewer elements). Pairing the mask per 32-bit word: 9.8 at 128x128x64 / 8 warps on
+# sm_90; element by element it was 14.4.
+TWIN_LOOP_TARGET_PER_ELEMENT = 12.0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -570,6 +577,12 @@ def find_loops(instructions: list[Instruction]) -> list[Loop]:
     return loops
 
 
+def inner_mma_loop(instructions: list[Instruction]) -> Loop | None:
+    """The smallest loop holding a tensor-core instruction (a GEMM's K loop; ``main_loop`` finds its tile loop)."""
+    with_mma = [loop for loop in find_loops(instructions) if loop.mma]
+    return min(with_mma, key=lambda loop: loop.instructions) if with_mma else None
+
+
 def main_loop(instructions: list[Instruction]) -> Loop | None:
     """The largest loop holding a tensor-core instruction; else the largest loop; None without loops."""
     loops = find_loops(instructions)
@@ -640,6 +653,7 @@ def compile_and_inspect(index: int) -> dict:
     ptxas = parse_ptxas_log(log.getvalue()).get(name, {})
     instructions = parse_sass(sass_text, name)
     loop = main_loop(instructions)
+    inner = inner_mma_loop(instructions)
     result.update(
         regs=usage.get("REG"), stack=usage.get("STACK"), local=usage.get("LOCAL"), static_smem=usage.get("SHARED"),
         spill_stores=ptxas.get("spill_stores"), spill_loads=ptxas.get("spill_loads"),
@@ -647,6 +661,7 @@ def compile_and_inspect(index: int) -> dict:
         tmem=getattr(kernel.metadata, "tmem_size", 0) or 0, sass=len(instructions),
         mma=sum(bool(_MMA.match(i.opcode)) for i in instructions),
         loop_instructions=loop.instructions if loop else None, loop_mma=loop.mma if loop else None,
+        inner_loop_instructions=inner.instructions if inner else None,
         compile_s=time.perf_counter() - started,
     )
     if usage.get("REG") is None or ptxas.get("spill_stores") is None:
@@ -668,6 +683,22 @@ def _target_loop_cost(job: CompileJob, result: dict) -> float | None:
     return per_element(loop, job.config["num_warps"], tile)
 
 
+def twin_loop_cost(job: CompileJob, result: dict) -> float | None:
+    """SASS instructions per element of the X tile in the K loop of DoRA's dropout forward GEMM (DORA_DROPOUT with
+    the column scale); None for every other compile."""
+    config = job.config
+    inner = result.get("inner_loop_instructions")
+    if not (config.get("DORA_DROPOUT") and config.get("HAS_COL_SCALE")) or job.name != "_fused_gemm_kernel":
+        return None
+    return per_element(inner, config["num_warps"], config["BLOCK_M"] * config["BLOCK_K"]) if inner else None
+
+
+def _twin_loop_target_applies(job: CompileJob) -> bool:
+    """The setting TWIN_LOOP_TARGET_PER_ELEMENT is for: 16-bit DoRA at r = 16, aligned, BLOCK_N >= 128."""
+    return (job.config.get("EVEN_K") and job.config.get("BLOCK_N", 0) >= 128
+            and any(s.r == 16 and s.dtype in ("bf16", "fp16") and s.variant.startswith("dora") for s, _ in job.uses))
+
+
 def problems(job: CompileJob, result: dict) -> list[str]:
     """Why this compile fails the check (empty when it passes)."""
     if result.get("error"):
@@ -684,6 +715,10 @@ def problems(job: CompileJob, result: dict) -> list[str]:
     cost = _target_loop_cost(job, result)
     if cost is not None and cost > LOOP_TARGET_PER_ELEMENT:
         found.append(f"S/dA loop {cost:.2f} SASS instructions per element > {LOOP_TARGET_PER_ELEMENT:g}")
+    twin = twin_loop_cost(job, result)
+    if twin is not None and twin > TWIN_LOOP_TARGET_PER_ELEMENT and _twin_loop_target_applies(job):
+        found.append(f"DoRA dropout K loop {twin:.2f} SASS instructions per element of X > "
+                     f"{TWIN_LOOP_TARGET_PER_ELEMENT:g}")
     warps = job.config["num_warps"]
     if warps > max_warps_for_registers(result["regs"], job.target.regs_per_sm):
         found.append(f"{warps} warps x {result['regs']} registers exceed the register file")
@@ -719,7 +754,7 @@ def run_jobs(indexes: list[int], workers: int, on_result: Callable[[int, dict], 
 # Report
 # --------------------------------------------------------------------------------------------------------------
 _RESOURCE_KEYS = ("regs", "stack", "stack_frame", "local", "spill_stores", "spill_loads", "smem", "static_smem",
-                  "tmem", "sass", "mma", "loop_instructions", "loop_mma", "error")
+                  "tmem", "sass", "mma", "loop_instructions", "loop_mma", "inner_loop_instructions", "error")
 
 
 def _uses_summary(uses: list[tuple[Scenario, str]]) -> dict:
@@ -743,6 +778,9 @@ def row_for(job: CompileJob, result: dict) -> dict:
     tile = streamed_tile_elements(job.config)
     if tile and row.get("loop_instructions"):
         row["loop_per_element"] = round(per_element(row["loop_instructions"], job.config["num_warps"], tile), 2)
+    twin = twin_loop_cost(job, result)
+    if twin is not None:
+        row["twin_loop_per_element"] = round(twin, 2)
     row["smem_limit"] = job.target.smem_per_block_optin
     row["problems"] = problems(job, result)
     return row
@@ -795,6 +833,20 @@ def markdown(meta: dict, rows: list[dict], native: list[dict]) -> str:
         loops = [row["loop_instructions"] for row in group]
         out.append(f"| {kernel} | {target} | {dropout if dropout is not None else '-'} | {dtype} | "
                    f"{min(loops)}-{max(loops)} | {min(per):.2f}-{max(per):.2f} |")
+    twins = sorted((row for row in rows if "twin_loop_per_element" in row),
+                   key=lambda row: (row["target"], -row["config"]["BLOCK_N"], -row["config"]["BLOCK_M"]))
+    if twins:
+        out += ["", "DoRA's dropout forward GEMM (DORA_DROPOUT): its K loop (the smallest loop holding an MMA) per "
+                "element of the X tile, both MMAs and the mask included; tiles with BLOCK_N >= 128 of a 16-bit "
+                f"r = 16 layer fail above {TWIN_LOOP_TARGET_PER_ELEMENT:g}.", "",
+                "| target | dtype | tile (M x N x K / warps) | biases | EVEN_K | K-loop instructions "
+                "| per element of X |",
+                "|---|---|---|---|---|---|---|"]
+        for row in twins:
+            c = row["config"]
+            out.append(f"| {row['target']} | {c['CDT']} | {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} / "
+                       f"{c['num_warps']} | {'yes' if c.get('HAS_BIAS') or c.get('HAS_LORA_BIAS') else 'no'} | "
+                       f"{c.get('EVEN_K')} | {row['inner_loop_instructions']} | {row['twin_loop_per_element']:.2f} |")
     out += ["", "## Per kernel", "",
             "| kernel | target | compiles | max regs | max stack | spilling | max smem / limit | failing |",
             "|---|---|---|---|---|---|---|---|"]

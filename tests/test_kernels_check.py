@@ -192,6 +192,20 @@ def test_problems_flags_an_s_or_da_loop_over_eight_instructions_per_element():
     assert kc.problems(rank_64, _result(loop_instructions=900)) == []  # reported, not the target's setting
 
 
+def test_problems_flags_a_dora_dropout_forward_k_loop_over_its_target():
+    gemm = SimpleNamespace(__name__="_fused_gemm_kernel")
+    config = {"DORA_DROPOUT": True, "HAS_COL_SCALE": True, "EVEN_K": True, "BLOCK_M": 128, "BLOCK_N": 128,
+              "BLOCK_K": 64, "num_warps": 8}  # 32 elements of the X tile per thread
+    job = dataclasses.replace(_job(), kernel=gemm, config=config, uses=[(kc.Scenario(variant="dora", p=0.1), "fwd")])
+    assert kc.twin_loop_cost(job, _result(inner_loop_instructions=314)) == pytest.approx(314 / 32)
+    assert kc.problems(job, _result(inner_loop_instructions=384)) == []  # 12.0
+    assert "DoRA dropout K loop 12.03" in kc.problems(job, _result(inner_loop_instructions=385))[0]
+    small_tile = dataclasses.replace(job, config={**config, "BLOCK_N": 64})
+    assert kc.problems(small_tile, _result(inner_loop_instructions=900)) == []  # reported, not the target's
+    dx = dataclasses.replace(job, config={**config, "HAS_COL_SCALE": False})
+    assert kc.twin_loop_cost(dx, _result(inner_loop_instructions=900)) is None
+
+
 def test_shared_memory_limits_are_the_opt_in_maxima():
     assert kc.TARGETS["sm_80"].smem_per_block_optin == 163 * 1024 == 166912
     assert kc.TARGETS["sm_90"].smem_per_block_optin == 227 * 1024 == 232448
