@@ -173,8 +173,12 @@ VARIANTS = {
     # with either the GEMM also stores Z (STORE_Z); dropout adds the GEMMs' second accumulator (DORA_DROPOUT)
     "dora": dict(dora=True),
     "dora-biases": dict(dora=True, bias=True, lora_bias=True, need_dbias=True),
+    "dora-odd-shape": dict(dora=True, m=1000, k=4100, n=4100),  # unaligned rows: the pointer loop, masked loads
 }
-DORA_VARIANTS = tuple(name for name, opts in VARIANTS.items() if opts.get("dora"))
+_SHAPE_KEYS = ("m", "k", "n", "seed")
+# DoRA variants on the default shape (crossed with dtypes, dropouts and M regimes in the full grid)
+DORA_VARIANTS = tuple(name for name, opts in VARIANTS.items()
+                      if opts.get("dora") and not any(key in opts for key in _SHAPE_KEYS))
 
 
 def scenarios(grid: str) -> list[Scenario]:
@@ -190,9 +194,9 @@ def scenarios(grid: str) -> list[Scenario]:
             for d, v, p, (name, m), det in itertools.product(("bf16", "fp16"), DORA_VARIANTS, DROPOUTS, M_REGIMES,
                                                              (False, True))]
     for variant, opts in VARIANTS.items():
-        if variant == "linear" or opts.get("dora"):
+        if variant == "linear" or variant in DORA_VARIANTS:
             continue
-        shape = {key: opts[key] for key in ("m", "k", "n", "seed") if key in opts}
+        shape = {key: opts[key] for key in _SHAPE_KEYS if key in opts}
         out.append(Scenario(p=0.1, variant=variant, regime=f"M={shape.get('m', 1024)}", **shape))
     return out
 

@@ -388,6 +388,14 @@ def test_skinny_tiles_fit_every_rank(monkeypatch, kernel):
                     assert unaligned.block == 64 < cfg.block, (r_block, unaligned, cfg)
 
 
+def test_dora_dy_pass_over_unaligned_dy_keeps_64_rows(monkeypatch):
+    """DoRA's dY pass spilled at 128 rows over an unaligned dY on sm_80 (kernels-check, N = 4100); aligned keeps 128."""
+    monkeypatch.setattr(lora_triton, "INTERPRET", False)
+    assert lora_triton.skinny_config("dora_ds_db", 16, 2, 2, x_aligned=False).block_m == 64
+    assert lora_triton.skinny_config("dora_ds_db", 16, 2, 2).block_m == 128
+    assert lora_triton.skinny_config("ds_db", 16, 2, 2, x_aligned=False).block_m == 128
+
+
 def test_gemm_configs_pruned_to_what_launches():
     configs = lora_triton.gemm_configs(for_interpreter=False)
     sm80 = 163 * 1024

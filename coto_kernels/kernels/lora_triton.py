@@ -829,8 +829,10 @@ def skinny_config(kernel: str, r_block: int, x_bytes: int, side_bytes: int, x_al
         # Both accumulators (dS: block_m x r, dB: block x r) stay within 96 fp32 registers per thread: at r = 128
         # a 128-row tile spilled on sm_80 (255 registers + 32 B stack), 64 rows did not; at r = 256, 64 rows
         # spilled on sm_80 (8 B), so 32. 256 rows spilled at r = 16 on sm_80 (plain pass with split atomics:
-        # 40 B) and on sm_90 (DoRA's pass, which also holds the fp32 dY and saved-output tiles: 48 B stack).
-        block_m = min(128, max(32, 8192 // r_block))
+        # 40 B) and on sm_90 (DoRA's pass, which also holds the fp32 dY and saved-output tiles: 48 B stack);
+        # DoRA's pass over an unaligned dY (masked element loads, e.g. N = 4100) spilled at 128 rows on sm_80
+        # (40 B), so 64.
+        block_m = min(64 if kernel == "dora_ds_db" and not x_aligned else 128, max(32, 8192 // r_block))
         block = min(64, 8192 // r_block)
         resident = block_m * r_block * x_bytes  # s * S, the dB MMA's operand, loaded once
     else:
