@@ -187,17 +187,20 @@ def time_shape(m: int, k: int, n: int, r: int, dropouts: tuple[float, ...], devi
         return step(lambda: dora_linear(x, base.weight, None, a, b, None, magnitude, scaling=scaling, dropout_p=p,
                                         backend="triton"), (x, a, b, magnitude))
 
+    def peft(p: float, use_dora: bool = False) -> Callable[[], None]:
+        """PEFT's layer around the same base with our A and B, stepping its trainable parameters and x."""
+        layer = peft_linear(base, r, p, use_dora=use_dora)
+        layer.lora_A["default"].weight.data.copy_(a.detach())
+        layer.lora_B["default"].weight.data.copy_(b.detach())
+        return step(lambda: layer(x), (x, *(q for q in layer.parameters() if q.requires_grad)))
+
     shared = dict(base=bench(step(lambda: F.linear(x, base.weight), (x,))))
     if "g0" in names:
         shared["g0"] = bench(ours(0.0, gate=False))
     rows = []
     for p in dropouts:
-        layer = peft_linear(base, r, p)
-        layer.lora_A["default"].weight.data.copy_(a.detach())
-        layer.lora_B["default"].weight.data.copy_(b.detach())
         row = dict(m=m, k=k, n=n, r=r, p=p, **shared)
-        row["peft"] = bench(step(lambda layer=layer: layer(x),
-                                 (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight)))
+        row["peft"] = bench(peft(p))
         row["g1"] = bench(ours(p))
         row["torch"] = bench(ours(p, backend="torch"))
         if "g1c" in names:
@@ -205,13 +208,7 @@ def time_shape(m: int, k: int, n: int, r: int, dropouts: tuple[float, ...], devi
         if "native" in names:
             row["native"] = bench(ours(p, backend="native"))
         row["dora"] = bench(fused_dora(p))
-        del layer
-        layer = peft_linear(base, r, p, use_dora=True)
-        layer.lora_A["default"].weight.data.copy_(a.detach())
-        layer.lora_B["default"].weight.data.copy_(b.detach())
-        dora_params = (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight,
-                       layer.lora_magnitude_vector["default"].weight)
-        row["peft-dora"] = bench(step(lambda layer=layer: layer(x), dora_params))
+        row["peft-dora"] = bench(peft(p, use_dora=True))
         for name in ("g1", "g0", "torch", "g1c", "native"):
             if name in row:
                 row[f"{name}/base"] = row[name] / row["base"]
@@ -222,7 +219,6 @@ def time_shape(m: int, k: int, n: int, r: int, dropouts: tuple[float, ...], devi
         print("  ".join([f"M={m} K={k} N={n} r={r} p={p}:"] + [f"{key} {value:.3f}" for key, value in row.items()
                                                                  if key not in ("m", "k", "n", "r", "p")]),
               flush=True)
-        del layer
     if device == "cuda":
         torch.cuda.empty_cache()
     return rows
