@@ -173,6 +173,8 @@ VARIANTS = {
     # with either the GEMM also stores Z (STORE_Z); dropout adds the GEMMs' second accumulator (DORA_DROPOUT)
     "dora": dict(dora=True),
     "dora-biases": dict(dora=True, bias=True, lora_bias=True, need_dbias=True),
+    # GPT-2's Conv1D layout, lora_bias on a bias-free base: Y saved, the zero-magnitude kernel reads lora_bias
+    "dora-conv1d-lora-bias": dict(dora=True, weight_is_kn=True, lora_bias=True),
     "dora-odd-shape": dict(dora=True, m=1000, k=4100, n=4100),  # unaligned rows: the pointer loop, masked loads
 }
 _SHAPE_KEYS = ("m", "k", "n", "seed")
@@ -320,18 +322,18 @@ def _run_dora(x, dy, weight, bias, lora_a, lora_b, lora_bias, options, need, con
     """The launches of ``dora_triton``'s forward and backward (Z stored when there is a base bias)."""
     import torch
 
-    from coto_kernels.kernels import dora_torch, dora_triton
+    from coto_kernels.kernels import dora_triton
 
-    n = weight.shape[0]
-    magnitude, norm = (torch.empty(n, device="cuda", dtype=torch.float32) for _ in range(2))
-    # host-side torch only, and data-dependent ((m == 0).nonzero()), which fake tensors cannot answer
-    with mock.patch.object(dora_torch, "magnitude_grad_from_dots", lambda *args, **kwargs: None):
-        context["phase"] = "fwd"
-        y, s, z = dora_triton.dora_forward(x, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm,
-                                           options=options, save_z=True)
-        context["phase"] = "bwd"
-        dora_triton.dora_backward(dy, x, y if z is None else None, weight, bias, lora_a, lora_b, lora_bias,
-                                  magnitude, norm, s, z, options=options, need=need, need_magnitude=True)
+    magnitude = torch.empty(weight.shape[1] if options.weight_is_kn else weight.shape[0], device="cuda",
+                            dtype=torch.float32)
+    context["phase"] = "fwd"
+    norm = dora_triton.dora_row_norm(weight, lora_a, lora_b, lora_bias, scaling=options.scaling,
+                                     weight_is_kn=options.weight_is_kn)
+    y, s, z = dora_triton.dora_forward(x, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm,
+                                       options=options, save_z=True)
+    context["phase"] = "bwd"
+    dora_triton.dora_backward(dy, x, y if z is None else None, weight, bias, lora_a, lora_b, lora_bias,
+                              magnitude, norm, s, z, options=options, need=need, need_magnitude=True)
 
 
 @contextlib.contextmanager

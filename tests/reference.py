@@ -174,3 +174,24 @@ def check_dora_layer(t: dict, dtype: torch.dtype, *, backend: str, device: str =
             continue
         assert t[name].grad is not None and t[name].grad.dtype == t[name].dtype, name
         assert_matches(t[name].grad, ref[grad_name], dtype, name)
+
+
+def exact_row_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
+    """||W_j + s (B A)_j|| in float64, from the materialised N x K matrix (what PEFT's DoRA takes the norm of)."""
+    return torch.linalg.norm(weight.double() + scaling * lora_b.double() @ lora_a.double(), dim=1)
+
+
+def nearly_cancelling(k: int = 512, n: int = 6, r: int = 4, remainder: float = 1e-4
+                      ) -> tuple[Tensor, Tensor, Tensor, float]:
+    """(W, A, B, s) whose rows 0 and 1 of W + s B A cancel to ~``remainder`` of their parts' length (the DoRA norm's
+    precision guard flags them below ~0.4); the other rows are ordinary."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(n, k, generator=g)
+    lora_a = torch.randn(r, k, generator=g) / k**0.5
+    lora_b = torch.randn(n, r, generator=g) * 0.1
+    scaling = 2.0
+    for row in (0, 1):  # put -W_j / s into the span of A, plus a tiny remainder
+        lora_a[row] = -weight[row] / scaling
+        lora_b[row] = 0.0
+        lora_b[row, row] = 1.0 - remainder
+    return weight, lora_a, lora_b, scaling

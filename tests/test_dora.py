@@ -9,7 +9,16 @@ import warnings
 import pytest
 import torch
 from helpers import batch_for, read_adapter_config, tiny_peft_model
-from reference import TOLERANCE, assert_matches, check_dora_layer, dora_inputs, peft_dora, relative_error
+from reference import (
+    TOLERANCE,
+    assert_matches,
+    check_dora_layer,
+    dora_inputs,
+    exact_row_norm,
+    nearly_cancelling,
+    peft_dora,
+    relative_error,
+)
 
 import coto_kernels
 from coto_kernels import functional_dora
@@ -75,10 +84,6 @@ def test_gate_off_is_the_base_layer_and_gives_the_adapter_no_gradient():
 # -- the row norm ------------------------------------------------------------------------------------------------
 
 
-def _exact_norm(weight, lora_a, lora_b, scaling):
-    return torch.linalg.norm(weight.double() + scaling * lora_b.double() @ lora_a.double(), dim=1)
-
-
 def test_row_norm_matches_the_materialised_norm_and_lora_bias_enters_every_column():
     t = dora_inputs(4, 300, 50, 8, torch.float32, lora_bias=True)
     norm = dora_torch.dora_row_norm(t["weight"], t["lora_a"], t["lora_b"], t["lora_bias"], scaling=1.3,
@@ -90,7 +95,7 @@ def test_row_norm_matches_the_materialised_norm_and_lora_bias_enters_every_colum
     norm_bf16 = dora_torch.dora_row_norm(bf16["weight"], bf16["lora_a"], bf16["lora_b"], None, scaling=1.3,
                                          weight_is_kn=False)
     assert norm_bf16.dtype == torch.float32  # the expansion runs in fp32 from bf16 operands
-    assert relative_error(norm_bf16, _exact_norm(bf16["weight"], bf16["lora_a"], bf16["lora_b"], 1.3)) < 1e-5
+    assert relative_error(norm_bf16, exact_row_norm(bf16["weight"], bf16["lora_a"], bf16["lora_b"], 1.3)) < 1e-5
 
 
 def test_weight_norm_cache_is_reused_and_invalidated_when_the_weight_changes():
@@ -107,26 +112,12 @@ def test_weight_norm_cache_is_reused_and_invalidated_when_the_weight_changes():
     dora_torch.clear_weight_norm_cache(weight)  # ... hence the explicit invalidation
     assert dora_torch.weight_row_norms_squared(weight, False)[5] == pytest.approx(9 * second[5].item(), rel=1e-6)
     norm = dora_torch.dora_row_norm(weight, t["lora_a"], t["lora_b"], None, scaling=0.5, weight_is_kn=False)
-    assert relative_error(norm, _exact_norm(weight, t["lora_a"], t["lora_b"], 0.5)) < TOLERANCE[torch.float32]
-
-
-def _nearly_cancelling(k=512, n=6, r=4):
-    """Rows 0 and 1 of W + s B A cancel to ~1e-4 of their parts' length; the other rows are ordinary."""
-    g = torch.Generator().manual_seed(0)
-    weight = torch.randn(n, k, generator=g)
-    lora_a = torch.randn(r, k, generator=g) / k**0.5
-    lora_b = torch.randn(n, r, generator=g) * 0.1
-    scaling = 2.0
-    for row in (0, 1):  # put -W_j / s into the span of A, plus a tiny remainder
-        lora_a[row] = -weight[row] / scaling
-        lora_b[row] = 0.0
-        lora_b[row, row] = 1.0 - 1e-4
-    return weight, lora_a, lora_b, scaling
+    assert relative_error(norm, exact_row_norm(weight, t["lora_a"], t["lora_b"], 0.5)) < TOLERANCE[torch.float32]
 
 
 def test_precision_guard_recomputes_cancelling_rows_exactly(monkeypatch):
-    weight, lora_a, lora_b, scaling = _nearly_cancelling()
-    exact = _exact_norm(weight, lora_a, lora_b, scaling)
+    weight, lora_a, lora_b, scaling = nearly_cancelling()
+    exact = exact_row_norm(weight, lora_a, lora_b, scaling)
     guarded = dora_torch.dora_row_norm(weight, lora_a, lora_b, None, scaling=scaling, weight_is_kn=False)
     assert ((guarded.double() - exact).abs() / exact).max() < 1e-5
     monkeypatch.setattr(dora_torch, "CANCELLATION_GUARD", 0.0)  # the bare fp32 expansion is wrong there

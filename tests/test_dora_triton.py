@@ -3,6 +3,7 @@ every output and gradient, the magnitude's included, through the autograd Functi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -14,10 +15,17 @@ if not torch.cuda.is_available():  # must precede the first triton.jit: the inte
 
 pytest.importorskip("triton")
 
-from reference import assert_matches, check_dora_layer, dora_inputs, peft_dora  # noqa: E402
+from reference import (  # noqa: E402
+    assert_matches,
+    check_dora_layer,
+    dora_inputs,
+    exact_row_norm,
+    nearly_cancelling,
+    peft_dora,
+)
 
 from coto_kernels.functional_dora import dora_linear  # noqa: E402
-from coto_kernels.kernels import DORA_KERNEL_BACKENDS, load_dora_backend, lora_triton  # noqa: E402
+from coto_kernels.kernels import DORA_KERNEL_BACKENDS, dora_torch, load_dora_backend, lora_triton  # noqa: E402
 from coto_kernels.kernels import dora_triton as kernels  # noqa: E402
 from coto_kernels.kernels.interface import GradRequest, LoraOptions  # noqa: E402
 
@@ -83,6 +91,58 @@ def test_zero_magnitude_columns_get_their_gradient():
     with torch.no_grad():
         t["magnitude"][[2, 11]] = 0.0
     _check_layer(t, F32)
+
+
+def test_zero_magnitude_columns_over_several_row_k_and_rank_chunks():
+    """``_silent_columns_dm_kernel`` over 3 row blocks, 4 K chunks (the last partial) and 2 rank chunks, with a
+    lora_bias; bf16 activations with fp32 adapters."""
+    t = _inputs(150, 200, 40, 20, BF16, bias=False, lora_bias=True)
+    for name in ("lora_a", "lora_b", "lora_bias"):
+        t[name] = t[name].detach().float().requires_grad_()
+    with torch.no_grad():
+        t["magnitude"][[0, 17, 39]] = 0.0
+    _check_layer(t, BF16, scaling=0.7)
+
+
+@contextlib.contextmanager
+def _no_host_reads():
+    """Fail on any read of a tensor's values by the host (on a GPU: a sync): ``nonzero``, ``item``, ``bool``."""
+    def host_read(*args, **kwargs):
+        raise AssertionError("the Triton DoRA path read a tensor's values on the host")
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("nonzero", "item", "__bool__", "tolist"):
+            patch.setattr(torch.Tensor, name, host_read)
+        yield
+
+
+def test_row_norm_fixes_cancelling_rows_on_the_device():
+    """The guard's flagged rows are recomputed by ``_exact_row_norms_kernel`` (3 K chunks, 2 rank chunks): as
+    exact as fp64, where the bare fp32 expansion is wrong."""
+    weight, lora_a, lora_b, scaling = nearly_cancelling(k=300, n=8, r=20)
+    exact = exact_row_norm(weight, lora_a, lora_b, scaling)
+    norm = kernels.dora_row_norm(weight, lora_a, lora_b, None, scaling=scaling, weight_is_kn=False)
+    assert ((norm.double() - exact).abs() / exact).max() < 1e-5
+    bare = dora_torch.dora_row_norm(weight, lora_a, lora_b, None, scaling=scaling, weight_is_kn=False,
+                                    exact_rows=lambda *args: None)
+    assert not torch.isfinite(bare[:2]).all() or ((bare[:2].double() - exact[:2]).abs() / exact[:2]).max() > 1e-3
+
+
+def test_forward_and_backward_read_nothing_on_the_host():
+    """Guarded norm (cancelling rows), zero-magnitude columns, saved Y: the Triton DoRA step runs without reading a
+    value on the host, so on a GPU it queues without a sync."""
+    weight, lora_a, lora_b, scaling = nearly_cancelling(k=48, n=20, r=4, remainder=0.2)  # flagged, c ~ 5
+    t = _inputs(33, 48, 20, 4, F32, bias=False)
+    t.update(weight=weight, lora_a=lora_a.requires_grad_(), lora_b=lora_b.requires_grad_())
+    with torch.no_grad():
+        t["magnitude"][[3, 7]] = 0.0
+    dy = _dy(t, F32)
+    need = GradRequest(dx=True, dlora=True)
+    with _no_host_reads():
+        _, _, grads, _ = _direct(t, scaling=scaling, cublas_below_m=0, save_z=True, need=need, need_magnitude=True)
+    ref = peft_dora(*t.values(), scaling=scaling, dy=dy)
+    for name in ("dx", "d_lora_a", "d_lora_b", "d_magnitude"):
+        assert_matches(getattr(grads, name), ref[name], F32, name)
 
 
 def test_gate_off_is_the_base_layer_and_launches_no_kernel(monkeypatch):

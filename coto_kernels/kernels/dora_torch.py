@@ -50,8 +50,8 @@ from .interface import DoraGrads, GradRequest, LoraOptions, weight_nk
 
 __all__ = [
     "CANCELLATION_GUARD", "clear_weight_norm_cache", "column_scale", "dora_backward", "dora_forward",
-    "dora_row_norm", "dropout_keep_mask", "dropped_input", "magnitude_grad_from_dots", "scale_dy",
-    "weight_row_norms_squared",
+    "dora_row_norm", "dropout_keep_mask", "dropped_input", "magnitude_grad_from_dots", "recompute_rows_exactly_",
+    "recompute_silent_columns_", "scale_dy", "weight_row_norms_squared",
 ]
 
 #: Rows whose expanded n_j^2 falls below this fraction of ||W_j||^2 + ||s (BA)_j||^2 are recomputed exactly.
@@ -111,14 +111,30 @@ def _augmented(lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None) -> tupl
     a, b = lora_a.detach().float(), lora_b.detach().float()
     if lora_bias is None:
         return a, b
-    ones = torch.ones(1, a.shape[1], dtype=a.dtype, device=a.device)
-    return torch.cat([a, ones]), torch.cat([b, lora_bias.detach().float()[:, None]], dim=1)
+    ones = a.new_ones(1, a.shape[1])
+    return torch.cat([a, ones]), torch.cat([b, lora_bias.detach().float().unsqueeze(1)], dim=1)
+
+
+def recompute_rows_exactly_(norm_squared: Tensor, unreliable: Tensor, w_nk: Tensor, a: Tensor, b: Tensor,
+                            scaling: float) -> None:
+    """norm_squared[j] = ||W_j + s (B'A')_j||^2 in fp64 for the rows flagged ``unreliable`` (a (flagged rows) x K
+    temporary only). Reads the flags on the host: on a GPU a sync (``dora_triton`` has a kernel instead)."""
+    if bool(unreliable.any()):
+        rows = unreliable.nonzero().squeeze(1)
+        exact = w_nk[rows].double() + scaling * (b[rows].double() @ a.double())
+        norm_squared[rows] = exact.square().sum(1).float()
+
+
+ExactRows = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], None]
+"""``recompute_rows_exactly_``'s signature: how a backend fixes the rows the precision guard flags."""
 
 
 def dora_row_norm(
     weight: Tensor, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None, *, scaling: float, weight_is_kn: bool,
+    exact_rows: ExactRows = recompute_rows_exactly_,
 ) -> Tensor:
-    """n_j = ||W_j + s (B A)_j + s lora_bias_j||, fp32 [N], detached, by the guarded expansion (module docstring)."""
+    """n_j = ||W_j + s (B A)_j + s lora_bias_j||, fp32 [N], detached, by the guarded expansion (module docstring);
+    ``exact_rows`` recomputes the rows the guard flags (in place)."""
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         a, b = _augmented(lora_a, lora_b, lora_bias)
         w_nk = weight_nk(weight.detach(), weight_is_kn)
@@ -127,10 +143,7 @@ def dora_row_norm(
         update_squared = ((b @ (a @ a.t())) * b).sum(1).mul_(scaling * scaling)  # ||s (B'A')_j||^2
         norm_squared = w_squared + (2.0 * scaling) * cross + update_squared
         unreliable = norm_squared < CANCELLATION_GUARD * (w_squared + update_squared)
-        if bool(unreliable.any()):
-            rows = unreliable.nonzero().squeeze(1)
-            exact = w_nk[rows].double() + scaling * (b[rows].double() @ a.double())
-            norm_squared[rows] = exact.square().sum(1).float()
+        exact_rows(norm_squared, unreliable, w_nk, a, b, scaling)
         return norm_squared.sqrt_()
 
 
@@ -238,25 +251,39 @@ def _magnitude_grad(
         lora_bias=lora_bias, magnitude=magnitude, norm=norm, s=s, scaling=scaling)
 
 
+def recompute_silent_columns_(d_magnitude: Tensor, *, dy: Tensor, x: Tensor, weight_rows: Tensor, lora_b: Tensor,
+                              lora_bias: Tensor | None, magnitude: Tensor, norm: Tensor, s: Tensor,
+                              scaling: float) -> None:
+    """d_magnitude[j] = sum_rows(dY_j * Z_j) / n_j for the columns with m_j = 0 (Y_j = bias_j carries nothing of
+    Z_j there), Z_j recomputed from X, S and row j of W and B. Finds them on the host: on a GPU a sync
+    (``dora_triton`` has a kernel instead)."""
+    silent = (magnitude.detach() == 0).nonzero().squeeze(1)
+    if silent.numel():
+        z_cols = x @ weight_rows[silent].t()
+        z_cols = _add_low_rank(z_cols, s, lora_b[silent], None if lora_bias is None else lora_bias[silent], scaling)
+        d_magnitude[silent] = (dy[:, silent] * z_cols).sum(0, dtype=torch.float32) / norm[silent]
+
+
+SilentColumns = Callable[..., None]
+"""``recompute_silent_columns_``'s signature: how a backend recomputes dm where m_j = 0."""
+
+
 def magnitude_grad_from_dots(
     column_dots: Tensor, dy_colsum: Tensor | None, *, from_z: bool, dy: Tensor, x: Tensor, weight_rows: Tensor,
     bias: Tensor | None, lora_b: Tensor, lora_bias: Tensor | None, magnitude: Tensor, norm: Tensor, s: Tensor,
-    scaling: float,
+    scaling: float, silent_columns: SilentColumns = recompute_silent_columns_,
 ) -> Tensor:
     """dm from ``column_dots`` (fp32 [N]) = sum_rows(dY * Z) (``from_z``) or sum_rows(dY * Y) (Y saved; then
     ``dy_colsum`` = sum_rows(dY) when there is a bias). A backend whose dY pass computes those sums (one read of
-    dY) finishes here: / n, or (Y - bias) / m with the m_j = 0 columns recomputed from X, S and their rows of W, B."""
+    dY) finishes here: / n, or (Y - bias) / m with the m_j = 0 columns recomputed by ``silent_columns``."""
     if from_z:
         return (column_dots / norm).to(magnitude.dtype)
     m = magnitude.detach().float()
     if bias is not None:
         column_dots = column_dots - bias.float() * dy_colsum
     d_magnitude = column_dots / m
-    silent = (m == 0).nonzero().squeeze(1)  # Y_j = bias_j there: recompute Z_j for those columns only
-    if silent.numel():
-        z_cols = x @ weight_rows[silent].t()
-        z_cols = _add_low_rank(z_cols, s, lora_b[silent], None if lora_bias is None else lora_bias[silent], scaling)
-        d_magnitude[silent] = (dy[:, silent] * z_cols).sum(0, dtype=torch.float32) / norm[silent]
+    silent_columns(d_magnitude, dy=dy, x=x, weight_rows=weight_rows, lora_b=lora_b, lora_bias=lora_bias,
+                   magnitude=magnitude, norm=norm, s=s, scaling=scaling)
     return d_magnitude.to(magnitude.dtype)
 
 

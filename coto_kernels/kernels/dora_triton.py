@@ -36,24 +36,137 @@ multiplies per K step next to a BLOCK_M x BLOCK_N x BLOCK_K MMA.
 
 **What is saved for the magnitude gradient** is ``dora_torch``'s choice (its module docstring): Y without a base
 bias, Z (written by the forward GEMM's epilogue, STORE_Z) with one; the dY pass reduces sum_rows(dY * saved) and
-``dora_torch.magnitude_grad_from_dots`` finishes dm (/ n or / m, the m_j = 0 columns recomputed).
+``dora_torch.magnitude_grad_from_dots`` finishes dm (/ n or / m, the m_j = 0 columns recomputed: below).
 
 **Routed to ``dora_torch``** (same math and dropout mask): dropout with M < ``cublas_below_m`` (above), and what
 ``lora_triton`` itself routes to torch (rank above ``MAX_RANK``, IEEE fp32 with TF32 off). The row norm is
-``dora_torch.dora_row_norm`` (an N x r skinny product and an r x r Gram: no kernel of its own needed).
+``dora_torch.dora_row_norm``'s expansion (an N x r skinny product and an r x r Gram, torch ops).
+
+**No host sync.** Two steps of the DoRA math depend on data: the rows of the norm that the precision guard flags
+(recomputed exactly) and the magnitude-gradient columns with m_j = 0 (recomputed from X). ``dora_torch`` finds
+them with ``nonzero()``, which on a GPU waits for every queued kernel, twice per layer and step, and leaves the
+GPU idle while Python queues the next ones. Here each is one kernel over all N rows/columns that returns at once
+where there is nothing to fix (``_exact_row_norms_kernel``, ``_silent_columns_dm_kernel``): a few microseconds,
+and nothing waits. Both are rare paths (near-cancelling rows, zero magnitudes), written for clarity over speed:
+fp64 and fp32 CUDA-core loops, one program per flagged row or column.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 from torch.nn import functional as F
 
 from . import dora_torch, lora_triton
-from .dora_torch import column_scale, dora_row_norm, dropout_keep_mask, dropped_input
+from .dora_torch import column_scale, dropout_keep_mask, dropped_input
 from .interface import DoraGrads, GradRequest, LoraOptions, weight_nk
 
 __all__ = ["column_scale", "dora_backward", "dora_forward", "dora_row_norm", "dropout_keep_mask", "dropped_input"]
+
+# Rank columns per step of the rare-path kernels' loops: their registers do not grow with r.
+_RANK_CHUNK = 16
+
+
+@triton.jit
+def _exact_row_norms_kernel(
+    norm_sq_ptr, flag_ptr, w_ptr, a_ptr, b_ptr, K, R, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn,
+    stride_br, scaling, R_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """norm_sq[j] = sum_k (W[j, k] + s sum_i B'[j, i] A'[i, k])^2 in fp64 for each row j with flag[j]
+    (``dora_torch.recompute_rows_exactly_`` on the device); one program per row, unflagged rows return."""
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(flag_ptr + row) != 0:
+        total = tl.zeros([BLOCK_K], dtype=tl.float64)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            v = tl.load(w_ptr + row * stride_wn + offs_k * stride_wk, mask=k_mask, other=0.0).to(tl.float64)
+            update = tl.zeros([BLOCK_K], dtype=tl.float64)
+            for r0 in range(0, R, R_CHUNK):
+                offs_r = r0 + tl.arange(0, R_CHUNK)
+                r_mask = offs_r < R
+                b = tl.load(b_ptr + row * stride_bn + offs_r * stride_br, mask=r_mask, other=0.0).to(tl.float64)
+                a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                            mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float64)
+                update += tl.sum(b[:, None] * a, axis=0)
+            v += scaling * update
+            total += v * v
+        tl.store(norm_sq_ptr + row, tl.sum(total, axis=0).to(tl.float32))
+
+
+@triton.jit
+def _silent_columns_dm_kernel(
+    dm_ptr, magnitude_ptr, norm_ptr, dy_ptr, x_ptr, w_ptr, s_ptr, b_ptr, lbias_ptr, M, K, R,
+    stride_dym, stride_dyn, stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br,
+    scaling, HAS_LORA_BIAS: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dm[j] = sum_m dY[m, j] Z[m, j] / n_j for each column j with m_j = 0, Z[m, j] = X[m, :] . W[j, :] +
+    s (S[m, :] . B[j, :] + lora_bias[j]) in fp32 (``dora_torch.recompute_silent_columns_`` on the device); one
+    program per column, the others return."""
+    col = tl.program_id(0).to(tl.int64)
+    if tl.load(magnitude_ptr + col) == 0:
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+            m_mask = offs_m < M
+            z = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < K
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                            mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + col * stride_wn + offs_k * stride_wk, mask=k_mask, other=0.0).to(tl.float32)
+                z += tl.sum(x * w[None, :], axis=1)
+            low_rank = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for r0 in range(0, R, R_CHUNK):
+                offs_r = r0 + tl.arange(0, R_CHUNK)
+                r_mask = offs_r < R
+                s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                            mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+                b = tl.load(b_ptr + col * stride_bn + offs_r * stride_br, mask=r_mask, other=0.0).to(tl.float32)
+                low_rank += tl.sum(s * b[None, :], axis=1)
+            if HAS_LORA_BIAS:
+                low_rank += tl.load(lbias_ptr + col).to(tl.float32)
+            z += scaling * low_rank
+            dy = tl.load(dy_ptr + offs_m * stride_dym + col * stride_dyn, mask=m_mask, other=0.0).to(tl.float32)
+            total += dy * z
+        tl.store(dm_ptr + col, tl.sum(total, axis=0) / tl.load(norm_ptr + col))
+
+
+def exact_rows_on_device_(norm_squared: Tensor, unreliable: Tensor, w_nk: Tensor, a: Tensor, b: Tensor,
+                          scaling: float) -> None:
+    """``dora_torch.recompute_rows_exactly_`` without reading the flags on the host (``_exact_row_norms_kernel``)."""
+    n, k = w_nk.shape
+    if n == 0:
+        return
+    _exact_row_norms_kernel[(n,)](
+        norm_squared, unreliable.view(torch.uint8), w_nk, a, b, k, a.shape[0], w_nk.stride(0), w_nk.stride(1),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), float(scaling), R_CHUNK=_RANK_CHUNK, BLOCK_K=128,
+        num_warps=4)
+
+
+def silent_columns_on_device_(d_magnitude: Tensor, *, dy: Tensor, x: Tensor, weight_rows: Tensor, lora_b: Tensor,
+                              lora_bias: Tensor | None, magnitude: Tensor, norm: Tensor, s: Tensor,
+                              scaling: float) -> None:
+    """``dora_torch.recompute_silent_columns_`` without a host sync (``_silent_columns_dm_kernel``)."""
+    (m, k), (n, r) = x.shape, lora_b.shape
+    if n == 0:
+        return
+    _silent_columns_dm_kernel[(n,)](
+        d_magnitude, magnitude.detach(), norm, dy, x, weight_rows, s, lora_b,
+        lora_bias if lora_bias is not None else norm, m, k, r, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+        weight_rows.stride(0), weight_rows.stride(1), s.stride(0), s.stride(1), lora_b.stride(0), lora_b.stride(1),
+        float(scaling), HAS_LORA_BIAS=lora_bias is not None, R_CHUNK=_RANK_CHUNK, BLOCK_M=64, BLOCK_K=64,
+        num_warps=4)
+
+
+#: ``dora_torch.dora_row_norm`` with the flagged rows fixed on the device.
+dora_row_norm = functools.partial(dora_torch.dora_row_norm, exact_rows=exact_rows_on_device_)
+
 
 
 def _uses_torch_kernels(x: Tensor, options: LoraOptions, rank: int, cublas_below_m: int) -> bool:
@@ -118,7 +231,7 @@ def dora_backward(
         d_magnitude = dora_torch.magnitude_grad_from_dots(
             sums.dots, sums.dy_colsum, from_z=z_saved is not None, dy=dy, x=x, weight_rows=w_nk, bias=bias,
             lora_b=lora_b, lora_bias=lora_bias, magnitude=magnitude, norm=norm, s=s.to(lora_a.dtype),
-            scaling=options.scaling)
+            scaling=options.scaling, silent_columns=silent_columns_on_device_)
     dx = None
     if need.dx:  # dropout: dX = dY W + drop'((c - 1) dY W + dS A), both products from one pass (DORA_DROPOUT)
         dx = lora_triton.launch_gemm(
