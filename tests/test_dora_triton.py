@@ -128,6 +128,25 @@ def test_row_norm_fixes_cancelling_rows_on_the_device():
     assert not torch.isfinite(bare[:2]).all() or ((bare[:2].double() - exact[:2]).abs() / exact[:2]).max() > 1e-3
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float16])
+@pytest.mark.parametrize("kn", [False, True], ids=["linear", "conv1d"])
+def test_row_norm_reads_a_16_bit_weight_once_and_keeps_fp32_adapters_digits(monkeypatch, dtype, kn):
+    """W A'^T from one S pass over W's rows with A' split into a head and a tail in W's dtype: as accurate as the
+    fp32 product (dropping the tail costs ~1e-4 relative here), never the chunked fp32 conversion of W."""
+    def chunked(*args):
+        raise AssertionError("a 16-bit weight went through the chunked fp32 conversion")
+
+    monkeypatch.setattr(dora_torch, "times_transposed_fp32", chunked)
+    t = _inputs(4, 300, 70, 16, dtype, kn=kn, lora_bias=True, seed=1)
+    g = torch.Generator().manual_seed(2)
+    a, b, lb = (torch.randn(*t[name].shape, generator=g).mul(0.3).to(DEVICE)
+                for name in ("lora_a", "lora_b", "lora_bias"))
+    w_nk = (t["weight"].t() if kn else t["weight"]).double()
+    exact = torch.linalg.norm(w_nk + 1.7 * (b.double() @ a.double() + lb.double()[:, None]), dim=1)
+    norm = kernels.dora_row_norm(t["weight"], a, b, lb, scaling=1.7, weight_is_kn=kn)
+    assert ((norm.double() - exact).abs() / exact).max() < 1e-6
+
+
 def test_forward_and_backward_read_nothing_on_the_host():
     """Guarded norm (cancelling rows), zero-magnitude columns, saved Y: the Triton DoRA step runs without reading a
     value on the host, so on a GPU it queues without a sync."""

@@ -51,7 +51,7 @@ from .interface import DoraGrads, GradRequest, LoraOptions, weight_nk
 __all__ = [
     "CANCELLATION_GUARD", "clear_weight_norm_cache", "column_scale", "dora_backward", "dora_forward",
     "dora_row_norm", "dropout_keep_mask", "dropped_input", "magnitude_grad_from_dots", "recompute_rows_exactly_",
-    "recompute_silent_columns_", "scale_dy", "weight_row_norms_squared",
+    "recompute_silent_columns_", "scale_dy", "times_transposed_fp32", "weight_row_norms_squared",
 ]
 
 #: Rows whose expanded n_j^2 falls below this fraction of ||W_j||^2 + ||s (BA)_j||^2 are recomputed exactly.
@@ -99,7 +99,7 @@ def weight_row_norms_squared(weight: Tensor, weight_is_kn: bool) -> Tensor:
     return value
 
 
-def _times_transposed_fp32(w_nk: Tensor, a: Tensor) -> Tensor:
+def times_transposed_fp32(w_nk: Tensor, a: Tensor) -> Tensor:
     """W A^T in fp32 (N x r); a half-precision W is converted a chunk of rows at a time, never as a whole."""
     if w_nk.dtype == torch.float32:
         return w_nk @ a.t()
@@ -132,14 +132,15 @@ ExactRows = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], None]
 def dora_row_norm(
     weight: Tensor, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None, *, scaling: float, weight_is_kn: bool,
     exact_rows: ExactRows = recompute_rows_exactly_,
+    times_transposed: Callable[[Tensor, Tensor], Tensor] = times_transposed_fp32,
 ) -> Tensor:
     """n_j = ||W_j + s (B A)_j + s lora_bias_j||, fp32 [N], detached, by the guarded expansion (module docstring);
-    ``exact_rows`` recomputes the rows the guard flags (in place)."""
+    ``exact_rows`` recomputes the rows the guard flags (in place), ``times_transposed`` gives W A'^T in fp32."""
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         a, b = _augmented(lora_a, lora_b, lora_bias)
         w_nk = weight_nk(weight.detach(), weight_is_kn)
         w_squared = weight_row_norms_squared(weight, weight_is_kn)
-        cross = (_times_transposed_fp32(w_nk, a) * b).sum(1)
+        cross = (times_transposed(w_nk, a) * b).sum(1)
         update_squared = ((b @ (a @ a.t())) * b).sum(1).mul_(scaling * scaling)  # ||s (B'A')_j||^2
         norm_squared = w_squared + (2.0 * scaling) * cross + update_squared
         unreliable = norm_squared < CANCELLATION_GUARD * (w_squared + update_squared)

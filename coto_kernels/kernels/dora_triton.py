@@ -40,7 +40,8 @@ bias, Z (written by the forward GEMM's epilogue, STORE_Z) with one; the dY pass 
 
 **Routed to ``dora_torch``** (same math and dropout mask): dropout with M < ``cublas_below_m`` (above), and what
 ``lora_triton`` itself routes to torch (rank above ``MAX_RANK``, IEEE fp32 with TF32 off). The row norm is
-``dora_torch.dora_row_norm``'s expansion (an N x r skinny product and an r x r Gram, torch ops).
+``dora_torch.dora_row_norm``'s expansion: its N x r product W A'^T is one S pass over a 16-bit W
+(``weight_times_adapter_t``), the r x r Gram and row dots are torch ops.
 
 **No host sync.** Two steps of the DoRA math depend on data: the rows of the norm that the precision guard flags
 (recomputed exactly) and the magnitude-gradient columns with m_j = 0 (recomputed from X). ``dora_torch`` finds
@@ -164,8 +165,25 @@ def silent_columns_on_device_(d_magnitude: Tensor, *, dy: Tensor, x: Tensor, wei
         num_warps=4)
 
 
-#: ``dora_torch.dora_row_norm`` with the flagged rows fixed on the device.
-dora_row_norm = functools.partial(dora_torch.dora_row_norm, exact_rows=exact_rows_on_device_)
+def weight_times_adapter_t(w_nk: Tensor, a: Tensor) -> Tensor:
+    """W A'^T in fp32 (N x r') for the row norm: a 16-bit W is read once, by the S pass (``launch_x_pass`` over
+    W's rows), with A' split into a head and a tail in W's dtype (A' = hi + lo + O(2^-18 |A'|) for bf16): each
+    product is exact in the fp32 accumulator, so the result keeps ~18 bits of A' where A' rounded once to W's dtype
+    would keep 8. ``dora_torch.times_transposed_fp32`` converts W to fp32 a chunk of rows at a time: two launches
+    per 2**20 elements of W and 5x its bytes in traffic. fp32 W, and ranks whose doubled width exceeds
+    ``MAX_RANK``, take that path."""
+    if w_nk.dtype == torch.float32 or 2 * a.shape[0] > lora_triton.MAX_RANK or w_nk.shape[0] == 0:
+        return dora_torch.times_transposed_fp32(w_nk, a)
+    hi = a.to(w_nk.dtype)
+    lo = (a - hi.float()).to(w_nk.dtype)
+    both = lora_triton.launch_x_pass(w_nk, torch.cat([hi, lo]), lora_triton.NO_DROPOUT, for_da=False)
+    r = a.shape[0]
+    return both.narrow(1, 0, r) + both.narrow(1, r, r)
+
+
+#: ``dora_torch.dora_row_norm`` with W A'^T from one kernel and the flagged rows fixed on the device.
+dora_row_norm = functools.partial(dora_torch.dora_row_norm, exact_rows=exact_rows_on_device_,
+                                  times_transposed=weight_times_adapter_t)
 
 
 
