@@ -116,16 +116,26 @@ def _no_host_reads():
         yield
 
 
-def test_row_norm_fixes_cancelling_rows_on_the_device():
-    """The guard's flagged rows are recomputed by ``_exact_row_norms_kernel`` (3 K chunks, 2 rank chunks): as
-    exact as fp64, where the bare fp32 expansion is wrong."""
+def test_row_norm_fixes_cancelling_rows_on_the_device(monkeypatch):
+    """``_row_norm_kernel`` recomputes the guard's rows in fp64 (3 K chunks, 2 rank chunks): as exact as fp64,
+    where the bare fp32 expansion (guard 0) is wrong; the ordinary rows need no guard."""
     weight, lora_a, lora_b, scaling = nearly_cancelling(k=300, n=8, r=20)
     exact = exact_row_norm(weight, lora_a, lora_b, scaling)
     norm = kernels.dora_row_norm(weight, lora_a, lora_b, None, scaling=scaling, weight_is_kn=False)
     assert ((norm.double() - exact).abs() / exact).max() < 1e-5
-    bare = dora_torch.dora_row_norm(weight, lora_a, lora_b, None, scaling=scaling, weight_is_kn=False,
-                                    exact_rows=lambda *args: None)
+    monkeypatch.setattr(dora_torch, "CANCELLATION_GUARD", 0.0)
+    bare = kernels.dora_row_norm(weight, lora_a, lora_b, None, scaling=scaling, weight_is_kn=False)
     assert not torch.isfinite(bare[:2]).all() or ((bare[:2].double() - exact[:2]).abs() / exact[:2]).max() > 1e-3
+    assert ((bare[2:].double() - exact[2:]).abs() / exact[2:]).max() < 1e-5
+
+
+def test_row_norm_of_a_fresh_adapter_is_the_weight_norm_bit_for_bit():
+    """B = 0: n = ||W_j|| exactly (the square root correctly rounded), so c = m / n = 1 and DoRA is PEFT's no-op."""
+    t = _inputs(4, 77, 33, 8, F32, lora_bias=True)
+    zeros = torch.zeros_like(t["lora_b"])
+    norm = kernels.dora_row_norm(t["weight"], t["lora_a"], zeros, torch.zeros_like(t["lora_bias"]), scaling=2.0,
+                                 weight_is_kn=False)
+    assert torch.equal(norm, torch.linalg.norm(t["weight"].detach(), dim=1))
 
 
 @pytest.mark.parametrize("dtype", [BF16, torch.float16])

@@ -49,9 +49,10 @@ from .dropout_mask import dropout_keep_mask
 from .interface import DoraGrads, GradRequest, LoraOptions, weight_nk
 
 __all__ = [
-    "CANCELLATION_GUARD", "clear_weight_norm_cache", "column_scale", "dora_backward", "dora_forward",
-    "dora_row_norm", "dropout_keep_mask", "dropped_input", "magnitude_grad_from_dots", "recompute_rows_exactly_",
-    "recompute_silent_columns_", "scale_dy", "times_transposed_fp32", "weight_row_norms_squared",
+    "CANCELLATION_GUARD", "augmented_factors", "clear_weight_norm_cache", "column_scale", "dora_backward",
+    "dora_forward", "dora_row_norm", "dropout_keep_mask", "dropped_input", "magnitude_grad_from_dots",
+    "recompute_rows_exactly_", "recompute_silent_columns_", "scale_dy", "times_transposed_fp32",
+    "weight_row_norms_squared",
 ]
 
 #: Rows whose expanded n_j^2 falls below this fraction of ||W_j||^2 + ||s (BA)_j||^2 are recomputed exactly.
@@ -106,7 +107,7 @@ def times_transposed_fp32(w_nk: Tensor, a: Tensor) -> Tensor:
     return torch.cat([rows.float() @ a.t() for rows in _row_chunks(w_nk)])
 
 
-def _augmented(lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+def augmented_factors(lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None) -> tuple[Tensor, Tensor]:
     """(A', B') in fp32 with B'A' = BA + lora_bias 1^T (PEFT's ``B(A(I_K))`` includes lora_B's bias)."""
     a, b = lora_a.detach().float(), lora_b.detach().float()
     if lora_bias is None:
@@ -118,33 +119,26 @@ def _augmented(lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None) -> tupl
 def recompute_rows_exactly_(norm_squared: Tensor, unreliable: Tensor, w_nk: Tensor, a: Tensor, b: Tensor,
                             scaling: float) -> None:
     """norm_squared[j] = ||W_j + s (B'A')_j||^2 in fp64 for the rows flagged ``unreliable`` (a (flagged rows) x K
-    temporary only). Reads the flags on the host: on a GPU a sync (``dora_triton`` has a kernel instead)."""
+    temporary only). Reads the flags on the host: on a GPU a sync (``dora_triton``'s norm kernel does it in place)."""
     if bool(unreliable.any()):
         rows = unreliable.nonzero().squeeze(1)
         exact = w_nk[rows].double() + scaling * (b[rows].double() @ a.double())
         norm_squared[rows] = exact.square().sum(1).float()
 
 
-ExactRows = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], None]
-"""``recompute_rows_exactly_``'s signature: how a backend fixes the rows the precision guard flags."""
-
-
 def dora_row_norm(
     weight: Tensor, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None, *, scaling: float, weight_is_kn: bool,
-    exact_rows: ExactRows = recompute_rows_exactly_,
-    times_transposed: Callable[[Tensor, Tensor], Tensor] = times_transposed_fp32,
 ) -> Tensor:
-    """n_j = ||W_j + s (B A)_j + s lora_bias_j||, fp32 [N], detached, by the guarded expansion (module docstring);
-    ``exact_rows`` recomputes the rows the guard flags (in place), ``times_transposed`` gives W A'^T in fp32."""
+    """n_j = ||W_j + s (B A)_j + s lora_bias_j||, fp32 [N], detached, by the guarded expansion (module docstring)."""
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-        a, b = _augmented(lora_a, lora_b, lora_bias)
+        a, b = augmented_factors(lora_a, lora_b, lora_bias)
         w_nk = weight_nk(weight.detach(), weight_is_kn)
         w_squared = weight_row_norms_squared(weight, weight_is_kn)
-        cross = (times_transposed(w_nk, a) * b).sum(1)
+        cross = (times_transposed_fp32(w_nk, a) * b).sum(1)
         update_squared = ((b @ (a @ a.t())) * b).sum(1).mul_(scaling * scaling)  # ||s (B'A')_j||^2
         norm_squared = w_squared + (2.0 * scaling) * cross + update_squared
         unreliable = norm_squared < CANCELLATION_GUARD * (w_squared + update_squared)
-        exact_rows(norm_squared, unreliable, w_nk, a, b, scaling)
+        recompute_rows_exactly_(norm_squared, unreliable, w_nk, a, b, scaling)
         return norm_squared.sqrt_()
 
 

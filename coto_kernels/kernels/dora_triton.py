@@ -40,21 +40,19 @@ bias, Z (written by the forward GEMM's epilogue, STORE_Z) with one; the dY pass 
 
 **Routed to ``dora_torch``** (same math and dropout mask): dropout with M < ``cublas_below_m`` (above), and what
 ``lora_triton`` itself routes to torch (rank above ``MAX_RANK``, IEEE fp32 with TF32 off). The row norm is
-``dora_torch.dora_row_norm``'s expansion: its N x r product W A'^T is one S pass over a 16-bit W
-(``weight_times_adapter_t``), the r x r Gram and row dots are torch ops.
+``dora_torch.dora_row_norm``'s guarded expansion in four launches (``dora_row_norm`` below): W A'^T by one S pass
+over a 16-bit W (``weight_times_adapter_t``), the Gram and B'G by cuBLAS, the rest in ``_row_norm_kernel``.
 
 **No host sync.** Two steps of the DoRA math depend on data: the rows of the norm that the precision guard flags
 (recomputed exactly) and the magnitude-gradient columns with m_j = 0 (recomputed from X). ``dora_torch`` finds
 them with ``nonzero()``, which on a GPU waits for every queued kernel, twice per layer and step, and leaves the
-GPU idle while Python queues the next ones. Here each is one kernel over all N rows/columns that returns at once
-where there is nothing to fix (``_exact_row_norms_kernel``, ``_silent_columns_dm_kernel``): a few microseconds,
-and nothing waits. Both are rare paths (near-cancelling rows, zero magnitudes), written for clarity over speed:
-fp64 and fp32 CUDA-core loops, one program per flagged row or column.
+GPU idle while Python queues the next ones. Here both are decided inside kernels that run over all N rows or
+columns (``_row_norm_kernel``, ``_silent_columns_dm_kernel``, whose programs return at once where m_j != 0):
+nothing waits. The fixes themselves are rare paths (near-cancelling rows, zero magnitudes), written for clarity
+over speed: fp64 and fp32 CUDA-core loops, one program per row or column.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -73,30 +71,47 @@ _RANK_CHUNK = 16
 
 
 @triton.jit
-def _exact_row_norms_kernel(
-    norm_sq_ptr, flag_ptr, w_ptr, a_ptr, b_ptr, K, R, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn,
-    stride_br, scaling, R_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
+def _row_norm_kernel(
+    norm_ptr, w_sq_ptr, wa_ptr, bg_ptr, b_ptr, w_ptr, a_ptr, K, R, stride_wan, stride_bgn, stride_bn, stride_wn,
+    stride_wk, stride_ar, stride_ak, scaling, guard, R_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """norm_sq[j] = sum_k (W[j, k] + s sum_i B'[j, i] A'[i, k])^2 in fp64 for each row j with flag[j]
-    (``dora_torch.recompute_rows_exactly_`` on the device); one program per row, unflagged rows return."""
+    """n_j for one row j of ``dora_torch.dora_row_norm``'s guarded expansion, in one kernel:
+
+        n_j^2 = ||W_j||^2 + 2 s (W A'^T)_j . B'_j + s^2 (B' G)_j . B'_j        (G = A' A'^T; inputs: WA, BG, B')
+
+    and where n_j^2 < guard (||W_j||^2 + s^2 (B'G)_j . B'_j) (cancellation) the exact
+    sum_k (W[j, k] + s sum_i B'[j, i] A'[i, k])^2 in fp64, as ``recompute_rows_exactly_`` does on the host.
+    n_j = sqrt, correctly rounded (``sqrt_rn``: at B = 0 it returns ||W_j|| bit for bit, PEFT's no-op)."""
     row = tl.program_id(0).to(tl.int64)
-    if tl.load(flag_ptr + row) != 0:
+    cross = tl.zeros([R_CHUNK], dtype=tl.float32)
+    update = tl.zeros([R_CHUNK], dtype=tl.float32)
+    for r0 in range(0, R, R_CHUNK):
+        offs_r = r0 + tl.arange(0, R_CHUNK)
+        r_mask = offs_r < R
+        b = tl.load(b_ptr + row * stride_bn + offs_r, mask=r_mask, other=0.0)
+        cross += tl.load(wa_ptr + row * stride_wan + offs_r, mask=r_mask, other=0.0) * b
+        update += tl.load(bg_ptr + row * stride_bgn + offs_r, mask=r_mask, other=0.0) * b
+    w_squared = tl.load(w_sq_ptr + row)
+    update_squared = tl.sum(update, axis=0) * (scaling * scaling)
+    norm_squared = w_squared + (2.0 * scaling) * tl.sum(cross, axis=0) + update_squared
+    if norm_squared < guard * (w_squared + update_squared):
         total = tl.zeros([BLOCK_K], dtype=tl.float64)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             v = tl.load(w_ptr + row * stride_wn + offs_k * stride_wk, mask=k_mask, other=0.0).to(tl.float64)
-            update = tl.zeros([BLOCK_K], dtype=tl.float64)
+            low_rank = tl.zeros([BLOCK_K], dtype=tl.float64)
             for r0 in range(0, R, R_CHUNK):
                 offs_r = r0 + tl.arange(0, R_CHUNK)
                 r_mask = offs_r < R
-                b = tl.load(b_ptr + row * stride_bn + offs_r * stride_br, mask=r_mask, other=0.0).to(tl.float64)
+                b = tl.load(b_ptr + row * stride_bn + offs_r, mask=r_mask, other=0.0).to(tl.float64)
                 a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                             mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float64)
-                update += tl.sum(b[:, None] * a, axis=0)
-            v += scaling * update
+                low_rank += tl.sum(b[:, None] * a, axis=0)
+            v += scaling * low_rank
             total += v * v
-        tl.store(norm_sq_ptr + row, tl.sum(total, axis=0).to(tl.float32))
+        norm_squared = tl.sum(total, axis=0).to(tl.float32)
+    tl.store(norm_ptr + row, tl.sqrt_rn(norm_squared))
 
 
 @triton.jit
@@ -138,18 +153,6 @@ def _silent_columns_dm_kernel(
         tl.store(dm_ptr + col, tl.sum(total, axis=0) / tl.load(norm_ptr + col))
 
 
-def exact_rows_on_device_(norm_squared: Tensor, unreliable: Tensor, w_nk: Tensor, a: Tensor, b: Tensor,
-                          scaling: float) -> None:
-    """``dora_torch.recompute_rows_exactly_`` without reading the flags on the host (``_exact_row_norms_kernel``)."""
-    n, k = w_nk.shape
-    if n == 0:
-        return
-    _exact_row_norms_kernel[(n,)](
-        norm_squared, unreliable.view(torch.uint8), w_nk, a, b, k, a.shape[0], w_nk.stride(0), w_nk.stride(1),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), float(scaling), R_CHUNK=_RANK_CHUNK, BLOCK_K=128,
-        num_warps=4)
-
-
 def silent_columns_on_device_(d_magnitude: Tensor, *, dy: Tensor, x: Tensor, weight_rows: Tensor, lora_b: Tensor,
                               lora_bias: Tensor | None, magnitude: Tensor, norm: Tensor, s: Tensor,
                               scaling: float) -> None:
@@ -165,25 +168,45 @@ def silent_columns_on_device_(d_magnitude: Tensor, *, dy: Tensor, x: Tensor, wei
         num_warps=4)
 
 
-def weight_times_adapter_t(w_nk: Tensor, a: Tensor) -> Tensor:
+def weight_times_adapter_t(w_nk: Tensor, a: Tensor, *, split: bool = True) -> Tensor:
     """W A'^T in fp32 (N x r') for the row norm: a 16-bit W is read once, by the S pass (``launch_x_pass`` over
-    W's rows), with A' split into a head and a tail in W's dtype (A' = hi + lo + O(2^-18 |A'|) for bf16): each
-    product is exact in the fp32 accumulator, so the result keeps ~18 bits of A' where A' rounded once to W's dtype
-    would keep 8. ``dora_torch.times_transposed_fp32`` converts W to fp32 a chunk of rows at a time: two launches
-    per 2**20 elements of W and 5x its bytes in traffic. fp32 W, and ranks whose doubled width exceeds
-    ``MAX_RANK``, take that path."""
+    W's rows). With ``split``, A' (fp32) goes in as a head and a tail in W's dtype (A' = hi + lo + O(2^-18 |A'|)
+    for bf16), each product exact in the fp32 accumulator: ~18 bits of A' kept where one rounding keeps 8. Without
+    it (adapters already in W's dtype, so A' is exact there) A' goes in once. ``dora_torch.times_transposed_fp32``
+    converts W to fp32 a chunk of rows at a time: two launches per 2**20 elements of W and 5x its bytes of traffic;
+    fp32 W, and ranks whose doubled width exceeds ``MAX_RANK``, take that path."""
     if w_nk.dtype == torch.float32 or 2 * a.shape[0] > lora_triton.MAX_RANK or w_nk.shape[0] == 0:
         return dora_torch.times_transposed_fp32(w_nk, a)
     hi = a.to(w_nk.dtype)
+    if not split:
+        return lora_triton.launch_x_pass(w_nk, hi, lora_triton.NO_DROPOUT, for_da=False)
     lo = (a - hi.float()).to(w_nk.dtype)
     both = lora_triton.launch_x_pass(w_nk, torch.cat([hi, lo]), lora_triton.NO_DROPOUT, for_da=False)
     r = a.shape[0]
     return both.narrow(1, 0, r) + both.narrow(1, r, r)
 
 
-#: ``dora_torch.dora_row_norm`` with W A'^T from one kernel and the flagged rows fixed on the device.
-dora_row_norm = functools.partial(dora_torch.dora_row_norm, exact_rows=exact_rows_on_device_,
-                                  times_transposed=weight_times_adapter_t)
+def dora_row_norm(
+    weight: Tensor, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None, *, scaling: float, weight_is_kn: bool,
+) -> Tensor:
+    """``dora_torch.dora_row_norm`` in four launches and no host sync: W A'^T (``weight_times_adapter_t``), the
+    Gram A'A'^T and B'G (cuBLAS), then ``_row_norm_kernel`` (the expansion, the guard with its exact fp64 rows,
+    the square root); torch's version takes ~15 elementwise launches and a ``nonzero()``."""
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        a, b = dora_torch.augmented_factors(lora_a, lora_b, lora_bias)
+        w_nk = weight_nk(weight.detach(), weight_is_kn)
+        w_squared = dora_torch.weight_row_norms_squared(weight, weight_is_kn)
+        exact_in_weight_dtype = all(t is None or t.dtype == weight.dtype for t in (lora_a, lora_bias))
+        wa = weight_times_adapter_t(w_nk, a, split=not exact_in_weight_dtype)
+        bg = b @ (a @ a.t())
+        norm = torch.empty_like(w_squared)
+        n, k = w_nk.shape
+        if n:
+            _row_norm_kernel[(n,)](
+                norm, w_squared, wa, bg, b, w_nk, a, k, a.shape[0], wa.stride(0), bg.stride(0), b.stride(0),
+                w_nk.stride(0), w_nk.stride(1), a.stride(0), a.stride(1), float(scaling),
+                float(dora_torch.CANCELLATION_GUARD), R_CHUNK=_RANK_CHUNK, BLOCK_K=128, num_warps=4)
+        return norm
 
 
 
