@@ -189,16 +189,19 @@ def weight_times_adapter_t(w_nk: Tensor, a: Tensor, *, split: bool = True) -> Te
 def dora_row_norm(
     weight: Tensor, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None, *, scaling: float, weight_is_kn: bool,
 ) -> Tensor:
-    """``dora_torch.dora_row_norm`` in four launches and no host sync: W A'^T (``weight_times_adapter_t``), the
-    Gram A'A'^T and B'G (cuBLAS), then ``_row_norm_kernel`` (the expansion, the guard with its exact fp64 rows,
-    the square root); torch's version takes ~15 elementwise launches and a ``nonzero()``."""
+    """``dora_torch.dora_row_norm`` without a host sync, in 7 launches for 16-bit adapters (their fp32 copies and
+    one cast, W A'^T by ``weight_times_adapter_t``, the Gram A'A'^T and B'G by cuBLAS, ``_row_norm_kernel`` for
+    the expansion, the guard with its exact fp64 rows and the square root); torch's version takes 21 plus two
+    per 2**20 elements of a 16-bit W, and a ``nonzero()``."""
     with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         a, b = dora_torch.augmented_factors(lora_a, lora_b, lora_bias)
         w_nk = weight_nk(weight.detach(), weight_is_kn)
         w_squared = dora_torch.weight_row_norms_squared(weight, weight_is_kn)
         exact_in_weight_dtype = all(t is None or t.dtype == weight.dtype for t in (lora_a, lora_bias))
-        wa = weight_times_adapter_t(w_nk, a, split=not exact_in_weight_dtype)
+        # the kernel reads rows of these with unit column stride (all three are fresh GEMM outputs or copies)
+        wa = weight_times_adapter_t(w_nk, a, split=not exact_in_weight_dtype).contiguous()
         bg = b @ (a @ a.t())
+        b = b.contiguous()
         norm = torch.empty_like(w_squared)
         n, k = w_nk.shape
         if n:
@@ -207,7 +210,6 @@ def dora_row_norm(
                 w_nk.stride(0), w_nk.stride(1), a.stride(0), a.stride(1), float(scaling),
                 float(dora_torch.CANCELLATION_GUARD), R_CHUNK=_RANK_CHUNK, BLOCK_K=128, num_warps=4)
         return norm
-
 
 
 def _uses_torch_kernels(x: Tensor, options: LoraOptions, rank: int, cublas_below_m: int) -> bool:
