@@ -22,6 +22,9 @@ Run with the package importable (``make gpu-check`` uses the project's venv; els
    * ``dora``   ``dora_linear(backend="triton")`` (fused DoRA, gate on; with dropout the two-accumulator GEMMs);
    * ``peft-dora`` PEFT's DoRA layer (``use_dora=True``) around the same base.
 
+   Then ``dora_parts``: fused DoRA's extra launches timed alone at the first target shape (row norm, dY pass
+   with the column scale and dm's sums, dX GEMM with the scale in its K loop vs LoRA's loop on a stored G).
+
 3. **End-to-end**: ``coto_kernels.bench.run`` on its ``medium`` preset in bf16 (vanilla PEFT, patched p = 1, the
    full CoTo schedule; interleaved rounds), so one run gives the layer table and the end-to-end saving to set
    beside the CoTo authors' 7.2% (LoRA, LLaMA-2-7B).
@@ -224,6 +227,57 @@ def time_shape(m: int, k: int, n: int, r: int, dropouts: tuple[float, ...], devi
     return rows
 
 
+def dora_parts(m: int, k: int, n: int, r: int, device: str, bench) -> dict:
+    """Where fused DoRA's time over fused LoRA goes (bf16, dropout 0), each launcher timed alone (ms):
+
+    * ``norm``: ``dora_triton.dora_row_norm`` (W A'^T pass, Gram, ``_row_norm_kernel``), once per step and layer;
+    * ``dy-lora`` / ``dy-dora``: the dY pass without / with the column scale and sum_rows(dY * Y) (dm's numerator);
+    * ``dx-lora``: LoRA's dX GEMM (dY W + dS A); ``dx-dora``: DoRA's, each dY tile scaled by c in the K loop
+      (A_COL_SCALE); ``dx-g``: LoRA's loop on a precomputed G = c dY; ``g-write``: ``torch.mul(dY, c, out=G)``, an
+      upper bound on what writing G from the dY pass (which reads dY anyway) would add.
+
+    ``dx-dora`` - ``dx-g`` against ``g-write`` says whether G in memory would beat the scale in the K loop."""
+    from coto_kernels.kernels import dora_triton, lora_triton
+    from coto_kernels.kernels.interface import GradRequest
+
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    weight = torch.randn(n, k, device=device, dtype=dtype) * k**-0.5
+    a = torch.randn(r, k, device=device, dtype=dtype) * k**-0.5
+    b = torch.randn(n, r, device=device, dtype=dtype) * 0.02
+    dy, y = (torch.randn(m, n, device=device, dtype=dtype) for _ in range(2))
+    s = torch.randn(m, r, device=device, dtype=torch.float32)
+    c = torch.rand(n, device=device, dtype=torch.float32) + 0.5
+    ds = torch.randn(m, r, device=device, dtype=torch.float32)
+    g = dy * c.to(dtype)
+    need = GradRequest(dx=True, dlora=True)
+
+    def dx(a_op: torch.Tensor, a_scale: torch.Tensor | None) -> torch.Tensor:
+        return lora_triton.launch_gemm(
+            a=a_op, b=weight, b_strides=(weight.stride(0), weight.stride(1)), out_features=k, bias=None,
+            lowrank_s=ds, lowrank_l=a, l_strides=(a.stride(0), a.stride(1)), lora_scale=1.0, lora_bias=None,
+            dropout=lora_triton.NO_DROPOUT, cublas_below_m=0, cublas_base=lambda: a_op @ weight, a_scale=a_scale)
+
+    same = dx(dy, c), dx(g, None)  # the two dX forms compute one thing (up to G's rounding to bf16)
+    error = ((same[0].float() - same[1].float()).norm() / same[1].float().norm()).item()
+    if error > 2e-2:
+        raise AssertionError(f"dora_parts: dX with the scale in the K loop and on a stored G differ ({error:.3g})")
+    parts = dict(
+        m=m, k=k, n=n, r=r,
+        norm=bench(lambda: dora_triton.dora_row_norm(weight, a, b, None, scaling=2.0, weight_is_kn=False)),
+        **{"dy-lora": bench(lambda: lora_triton.launch_dy_reductions(dy, b, s, 2.0, need, dtype))},
+        **{"dy-dora": bench(lambda: lora_triton.launch_dy_reductions(dy, b, s, 2.0, need, dtype, col_scale=c,
+                                                                     saved=y))},
+        **{"dx-lora": bench(lambda: dx(dy, None)), "dx-dora": bench(lambda: dx(dy, c)),
+           "dx-g": bench(lambda: dx(g, None)), "g-write": bench(lambda: torch.mul(dy, c.to(dtype), out=g))},
+    )
+    print("DoRA parts: " + "  ".join(f"{key} {value:.3f}" if isinstance(value, float) else f"{key}={value}"
+                                     for key, value in parts.items()), flush=True)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return parts
+
+
 def layer_grid(quick: bool) -> list[tuple[int, int, int, int]]:
     """(M, K, N, r): the issue's grid, target shapes (M >= 8192) first so a budget stop still answers them."""
     if quick:
@@ -279,7 +333,8 @@ def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def markdown(meta: dict, parity: dict | None, rows: list[dict], targets: list[dict], e2e: dict | None) -> str:
+def markdown(meta: dict, parity: dict | None, rows: list[dict], targets: list[dict], e2e: dict | None,
+             parts: dict | None = None) -> str:
     out = [f"# gpu_check {meta['date']}", "",
            f"{meta['gpu']}; torch {meta['torch']} (CUDA {meta['cuda']}); triton {meta['triton']}; "
            f"peft {meta['peft']}; transformers {meta['transformers']}" + (" — **quick smoke run, not a measurement**"
@@ -300,6 +355,14 @@ def markdown(meta: dict, parity: dict | None, rows: list[dict], targets: list[di
             "| M | K | N | r | p | " + " | ".join(columns) + " |", "|---" * (5 + len(columns)) + "|"]
     out += ["| " + " | ".join(_fmt(row.get(c, "-")) for c in ("m", "k", "n", "r", "p", *columns)) + " |"
             for row in rows]
+    if parts is not None:
+        timed = [key for key in parts if key not in ("m", "k", "n", "r")]
+        out += ["", f"## DoRA over LoRA by part (ms; M={parts['m']} K={parts['k']} N={parts['n']} r={parts['r']}, "
+                "bf16, dropout 0; `dora_parts` in bench/gpu_check.py)", "",
+                "| " + " | ".join(timed) + " |", "|---" * len(timed) + "|",
+                "| " + " | ".join(_fmt(parts[key]) for key in timed) + " |", "",
+                f"Scale in the dX K loop costs {_fmt(parts['dx-dora'] - parts['dx-g'])} ms over LoRA's loop on a "
+                f"stored G; writing G costs at most {_fmt(parts['g-write'])} ms."]
     if e2e is not None:
         cfg = e2e["config"]
         out += ["", f"## End to end: coto-bench `{e2e['preset']}` ({cfg['dtype']}, r {cfg['rank']}, LoRA dropout "
@@ -367,15 +430,19 @@ def main(argv: list[str] | None = None) -> int:
         if over_budget(f"layer M={m}", 30.0):
             break
         rows += time_shape(m, k, n, r, (0.0, 0.05), device, bench)
+    parts = None
+    if not over_budget("the DoRA parts", 20.0):
+        parts = dora_parts(*layer_grid(args.quick)[0], device, bench)
     e2e = None
     if not args.skip_e2e and not over_budget("the end-to-end step", 180.0):
         e2e = run_end_to_end(args.quick, device)
     targets = targets_table(rows, args.quick)
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
-    report = markdown(meta, parity, rows, targets, e2e)
+    report = markdown(meta, parity, rows, targets, e2e, parts)
     print("\n" + report, flush=True)
     stem = f"gpu_check-{meta['date']}" + ("-quick" if args.quick else "")
-    payload = json.dumps(dict(meta=meta, parity=parity, layer=rows, targets=targets, end_to_end=e2e), indent=1)
+    payload = json.dumps(dict(meta=meta, parity=parity, layer=rows, dora_parts=parts, targets=targets,
+                              end_to_end=e2e), indent=1)
     for folder in [args.out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{stem}.md").write_text(report)

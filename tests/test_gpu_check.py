@@ -29,10 +29,13 @@ def test_gpu_check_quick_runs_and_reports(tmp_path):
         assert all(row[name] > 0 for name in ("base", "peft", "g1", "g0", "torch", "dora", "peft-dora"))
         assert row["g1/peft"] == pytest.approx(row["g1"] / row["peft"])
         assert row["dora/g1"] == pytest.approx(row["dora"] / row["g1"])
+    parts = data["dora_parts"]
+    assert all(parts[name] > 0 for name in ("norm", "dy-lora", "dy-dora", "dx-lora", "dx-dora", "dx-g", "g-write"))
     assert {r["mode"] for r in data["end_to_end"]["results"]} == {"vanilla", "coto-p1", "coto-schedule"}
     assert [t["verdict"] for t in data["targets"]] == ["n/a (quick)"] * 5
     markdown = report.with_suffix(".md").read_text()
     assert "## Targets" in markdown and "## End to end" in markdown and "quick smoke run" in markdown
+    assert "## DoRA over LoRA by part" in markdown
 
 
 def _load_gpu_check():
