@@ -115,6 +115,21 @@ def _row_norm_kernel(
 
 
 @triton.jit
+def _rows_dot(t_ptr, stride_tm, stride_tc, v_ptr, stride_v, offs_m, m_mask, C, BLOCK_M: tl.constexpr,
+              CHUNK: tl.constexpr):
+    """sum_c T[m, c] v[c] in fp32 for the rows ``offs_m`` ([BLOCK_M]), CHUNK columns at a time."""
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for c0 in range(0, C, CHUNK):
+        offs_c = c0 + tl.arange(0, CHUNK)
+        c_mask = offs_c < C
+        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_c[None, :] * stride_tc,
+                    mask=m_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs_c * stride_v, mask=c_mask, other=0.0).to(tl.float32)
+        total += tl.sum(t * v[None, :], axis=1)
+    return total
+
+
+@triton.jit
 def _silent_columns_dm_kernel(
     dm_ptr, magnitude_ptr, norm_ptr, dy_ptr, x_ptr, w_ptr, s_ptr, b_ptr, lbias_ptr, M, K, R,
     stride_dym, stride_dyn, stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br,
@@ -129,22 +144,10 @@ def _silent_columns_dm_kernel(
         for m0 in range(0, M, BLOCK_M):
             offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
             m_mask = offs_m < M
-            z = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < K
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                            mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-                w = tl.load(w_ptr + col * stride_wn + offs_k * stride_wk, mask=k_mask, other=0.0).to(tl.float32)
-                z += tl.sum(x * w[None, :], axis=1)
-            low_rank = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for r0 in range(0, R, R_CHUNK):
-                offs_r = r0 + tl.arange(0, R_CHUNK)
-                r_mask = offs_r < R
-                s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                            mask=m_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
-                b = tl.load(b_ptr + col * stride_bn + offs_r * stride_br, mask=r_mask, other=0.0).to(tl.float32)
-                low_rank += tl.sum(s * b[None, :], axis=1)
+            z = _rows_dot(x_ptr, stride_xm, stride_xk, w_ptr + col * stride_wn, stride_wk, offs_m, m_mask, K,
+                          BLOCK_M, BLOCK_K)
+            low_rank = _rows_dot(s_ptr, stride_sm, stride_sr, b_ptr + col * stride_bn, stride_br, offs_m, m_mask, R,
+                                 BLOCK_M, R_CHUNK)
             if HAS_LORA_BIAS:
                 low_rank += tl.load(lbias_ptr + col).to(tl.float32)
             z += scaling * low_rank
