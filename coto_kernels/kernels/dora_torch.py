@@ -51,7 +51,7 @@ from .interface import DoraGrads, GradRequest, LoraOptions, weight_nk
 __all__ = [
     "CANCELLATION_GUARD", "augmented_factors", "clear_weight_norm_cache", "column_scale", "dora_backward",
     "dora_forward", "dora_row_norm", "dropout_keep_mask", "dropped_input", "magnitude_grad_from_dots",
-    "recompute_rows_exactly_", "recompute_silent_columns_", "scale_dy", "times_transposed_fp32",
+    "recompute_silent_columns_", "scale_dy", "times_transposed_fp32",
     "weight_row_norms_squared",
 ]
 
@@ -116,16 +116,6 @@ def augmented_factors(lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None) 
     return torch.cat([a, ones]), torch.cat([b, lora_bias.detach().float().unsqueeze(1)], dim=1)
 
 
-def recompute_rows_exactly_(norm_squared: Tensor, unreliable: Tensor, w_nk: Tensor, a: Tensor, b: Tensor,
-                            scaling: float) -> None:
-    """norm_squared[j] = ||W_j + s (B'A')_j||^2 in fp64 for the rows flagged ``unreliable`` (a (flagged rows) x K
-    temporary only). Reads the flags on the host: on a GPU a sync (``dora_triton``'s norm kernel does it in place)."""
-    if bool(unreliable.any()):
-        rows = unreliable.nonzero().squeeze(1)
-        exact = w_nk[rows].double() + scaling * (b[rows].double() @ a.double())
-        norm_squared[rows] = exact.square().sum(1).float()
-
-
 def dora_row_norm(
     weight: Tensor, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None, *, scaling: float, weight_is_kn: bool,
 ) -> Tensor:
@@ -138,7 +128,10 @@ def dora_row_norm(
         update_squared = ((b @ (a @ a.t())) * b).sum(1).mul_(scaling * scaling)  # ||s (B'A')_j||^2
         norm_squared = w_squared + (2.0 * scaling) * cross + update_squared
         unreliable = norm_squared < CANCELLATION_GUARD * (w_squared + update_squared)
-        recompute_rows_exactly_(norm_squared, unreliable, w_nk, a, b, scaling)
+        if bool(unreliable.any()):  # a host read: on a GPU a sync (dora_triton's norm kernel decides in place)
+            rows = unreliable.nonzero().squeeze(1)
+            exact = w_nk[rows].double() + scaling * (b[rows].double() @ a.double())
+            norm_squared[rows] = exact.square().sum(1).float()
         return norm_squared.sqrt_()
 
 

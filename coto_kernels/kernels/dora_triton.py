@@ -40,7 +40,7 @@ bias, Z (written by the forward GEMM's epilogue, STORE_Z) with one; the dY pass 
 
 **Routed to ``dora_torch``** (same math and dropout mask): dropout with M < ``cublas_below_m`` (above), and what
 ``lora_triton`` itself routes to torch (rank above ``MAX_RANK``, IEEE fp32 with TF32 off). The row norm is
-``dora_torch.dora_row_norm``'s guarded expansion in four launches (``dora_row_norm`` below): W A'^T by one S pass
+``dora_torch.dora_row_norm``'s guarded expansion in 7 launches (``dora_row_norm`` below): W A'^T by one S pass
 over a 16-bit W (``weight_times_adapter_t``), the Gram and B'G by cuBLAS, the rest in ``_row_norm_kernel``.
 
 **No host sync.** Two steps of the DoRA math depend on data: the rows of the norm that the precision guard flags
@@ -80,7 +80,7 @@ def _row_norm_kernel(
         n_j^2 = ||W_j||^2 + 2 s (W A'^T)_j . B'_j + s^2 (B' G)_j . B'_j        (G = A' A'^T; inputs: WA, BG, B')
 
     and where n_j^2 < guard (||W_j||^2 + s^2 (B'G)_j . B'_j) (cancellation) the exact
-    sum_k (W[j, k] + s sum_i B'[j, i] A'[i, k])^2 in fp64, as ``recompute_rows_exactly_`` does on the host.
+    sum_k (W[j, k] + s sum_i B'[j, i] A'[i, k])^2 in fp64, as ``dora_torch.dora_row_norm`` does on the host.
     n_j = sqrt, correctly rounded (``sqrt_rn``: at B = 0 it returns ||W_j|| bit for bit, PEFT's no-op)."""
     row = tl.program_id(0).to(tl.int64)
     cross = tl.zeros([R_CHUNK], dtype=tl.float32)
