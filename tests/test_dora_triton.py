@@ -157,6 +157,23 @@ def test_row_norm_reads_a_16_bit_weight_once_and_keeps_fp32_adapters_digits(monk
     assert ((norm.double() - exact).abs() / exact).max() < 1e-6
 
 
+def test_unsplit_adapters_up_to_max_rank_take_the_one_pass_product(monkeypatch):
+    """Adapters already in W's dtype go in once, so ranks up to ``MAX_RANK`` (not half of it) use the S pass;
+    split fp32 adapters double the width and fall back above ``MAX_RANK / 2``."""
+    taken = []
+    monkeypatch.setattr(dora_torch, "times_transposed_fp32",
+                        lambda w, a: taken.append(a.shape[0]) or (w.float() @ a.t()))
+    g = torch.Generator().manual_seed(5)
+    rank = lora_triton.MAX_RANK // 2 + 8
+    w_nk = torch.randn(6, 40, generator=g).to(BF16).to(DEVICE)
+    a = torch.randn(rank, 40, generator=g).to(BF16).float().to(DEVICE)  # exact in bf16: no tail needed
+    got = kernels.weight_times_adapter_t(w_nk, a, split=False)
+    assert taken == []
+    assert_matches(got, w_nk.double() @ a.double().t(), F32, "W A^T of unsplit adapters")
+    kernels.weight_times_adapter_t(w_nk, a, split=True)
+    assert taken == [rank]
+
+
 def test_forward_and_backward_read_nothing_on_the_host():
     """Guarded norm (cancelling rows), zero-magnitude columns, saved Y: the Triton DoRA step runs without reading a
     value on the host, so on a GPU it queues without a sync."""

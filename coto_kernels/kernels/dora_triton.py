@@ -177,8 +177,9 @@ def weight_times_adapter_t(w_nk: Tensor, a: Tensor, *, split: bool = True) -> Te
     for bf16), each product exact in the fp32 accumulator: ~18 bits of A' kept where one rounding keeps 8. Without
     it (adapters already in W's dtype, so A' is exact there) A' goes in once. ``dora_torch.times_transposed_fp32``
     converts W to fp32 a chunk of rows at a time: two launches per 2**20 elements of W and 5x its bytes of traffic;
-    fp32 W, and ranks whose doubled width exceeds ``MAX_RANK``, take that path."""
-    if w_nk.dtype == torch.float32 or 2 * a.shape[0] > lora_triton.MAX_RANK or w_nk.shape[0] == 0:
+    fp32 W, and ranks whose width (doubled when split) exceeds ``MAX_RANK``, take that path."""
+    width = (2 if split else 1) * a.shape[0]
+    if w_nk.dtype == torch.float32 or width > lora_triton.MAX_RANK or w_nk.shape[0] == 0:
         return dora_torch.times_transposed_fp32(w_nk, a)
     hi = a.to(w_nk.dtype)
     if not split:
