@@ -19,11 +19,12 @@ from reference import (
     peft_dora,
     relative_error,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import coto_kernels
 from coto_kernels import functional_dora
 from coto_kernels.functional_dora import dora_linear
-from coto_kernels.kernels import backend_available, dora_torch
+from coto_kernels.kernels import backend_available, dora_torch, load_dora_backend
 from coto_kernels.kernels.dropout_mask import dropout_keep_mask
 
 
@@ -44,13 +45,44 @@ def test_forward_and_every_gradient_match_float64_peft_formula(dtype, dropout_p,
     check_against_peft_math(t, dtype, scaling=1.7, dropout_p=dropout_p, kn=kn, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_bf16_base_with_fp32_adapters(dropout_p):
+def test_bf16_base_with_fp32_adapters(dropout_p, backend):
     """PEFT's default for a bf16 model: adapters and magnitude kept in fp32 over the bf16 base layer."""
     t = dora_inputs(37, 45, 29, 3, torch.bfloat16, lora_bias=True)
     for name in ("lora_a", "lora_b", "lora_bias"):
         t[name] = t[name].detach().float().requires_grad_()
-    check_against_peft_math(t, torch.bfloat16, scaling=1.7, dropout_p=dropout_p)
+    check_against_peft_math(t, torch.bfloat16, scaling=1.7, dropout_p=dropout_p, backend=backend)
+
+
+class _CountDispatches(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_native_dora_layer_issues_few_dispatches():
+    """Per layer and step, each op dispatched from Python costs microseconds whatever the shape (a small model's
+    step runs ~60 DoRA layers): the native CPU layer issues 13 ops forward (the row norm one of them; torch's
+    expansion alone issues ~20) and 17 backward (LoRA's native backward on G; 24 through the torch formulation)."""
+    if not backend_available("native"):
+        pytest.skip("native backend not built here")
+    t = dora_inputs(8, 64, 64, 4, torch.float32, bias=False)
+    dora_linear(*t.values(), scaling=2.0, backend="native").sum().backward()  # ||W||^2 cached, as in training
+    for v in t.values():
+        if v is not None:
+            v.grad = None
+    with _CountDispatches() as forward:
+        y = dora_linear(*t.values(), scaling=2.0, backend="native")
+    dy = torch.randn_like(y)
+    with _CountDispatches() as backward:
+        torch.autograd.grad(y, [t[name] for name in ("x", "lora_a", "lora_b", "magnitude")], dy)
+    assert len(forward.ops) <= 15, forward.ops
+    assert len(backward.ops) <= 19, backward.ops
 
 
 def test_tolerance_catches_an_undetached_or_wrong_norm():
@@ -84,18 +116,49 @@ def test_gate_off_is_the_base_layer_and_gives_the_adapter_no_gradient():
 # -- the row norm ------------------------------------------------------------------------------------------------
 
 
-def test_row_norm_matches_the_materialised_norm_and_lora_bias_enters_every_column():
+@pytest.fixture(params=["torch", "native"])
+def norm_backend(request):
+    """The DoRA kernels module whose ``dora_row_norm`` a test checks (native: the CPU op over the cached ||W||^2)."""
+    if not backend_available(request.param):
+        pytest.skip(f"{request.param} backend not built here")
+    return load_dora_backend(request.param)
+
+
+def test_row_norm_matches_the_materialised_norm_and_lora_bias_enters_every_column(norm_backend):
     t = dora_inputs(4, 300, 50, 8, torch.float32, lora_bias=True)
-    norm = dora_torch.dora_row_norm(t["weight"], t["lora_a"], t["lora_b"], t["lora_bias"], scaling=1.3,
-                                    weight_is_kn=False)
+    norm = norm_backend.dora_row_norm(t["weight"], t["lora_a"], t["lora_b"], t["lora_bias"], scaling=1.3,
+                                      weight_is_kn=False)
     lora_weight = t["lora_b"] @ t["lora_a"] + t["lora_bias"][:, None]  # PEFT's B(A(I_K)) includes lora_B's bias
     exact = torch.linalg.norm(t["weight"].double() + 1.3 * lora_weight.double(), dim=1)
+    assert norm.dtype == torch.float32 and not norm.requires_grad
     assert relative_error(norm, exact) < TOLERANCE[torch.float32]
     bf16 = {name: v.detach().to(torch.bfloat16) for name, v in t.items() if name in ("weight", "lora_a", "lora_b")}
-    norm_bf16 = dora_torch.dora_row_norm(bf16["weight"], bf16["lora_a"], bf16["lora_b"], None, scaling=1.3,
-                                         weight_is_kn=False)
+    norm_bf16 = norm_backend.dora_row_norm(bf16["weight"], bf16["lora_a"], bf16["lora_b"], None, scaling=1.3,
+                                           weight_is_kn=False)
     assert norm_bf16.dtype == torch.float32  # the expansion runs in fp32 from bf16 operands
     assert relative_error(norm_bf16, exact_row_norm(bf16["weight"], bf16["lora_a"], bf16["lora_b"], 1.3)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kn", [False, True], ids=["linear", "conv1d"])
+def test_row_norm_of_a_conv1d_or_half_precision_weight_with_fp32_adapters(norm_backend, dtype, kn):
+    """[in, out] weights (GPT-2's Conv1D) and 16-bit weights over more rows than one widening chunk holds."""
+    g = torch.Generator().manual_seed(4)
+    n, k, r = 2100, 600, 5  # 1,260,000 elements: two chunks of 2**20 when a 16-bit W is widened
+    w_nk = torch.randn(n, k, generator=g).to(dtype)
+    a, b, lb = torch.randn(r, k, generator=g) * 0.05, torch.randn(n, r, generator=g) * 0.5, torch.randn(n, generator=g)
+    weight = w_nk.t().contiguous() if kn else w_nk
+    norm = norm_backend.dora_row_norm(weight, a, b, lb, scaling=0.8, weight_is_kn=kn)
+    exact = torch.linalg.norm(w_nk.double() + 0.8 * (b.double() @ a.double() + lb.double()[:, None]), dim=1)
+    assert relative_error(norm, exact) < 1e-6
+
+
+def test_row_norm_of_a_fresh_adapter_is_the_weight_norm_bit_for_bit(norm_backend):
+    """B = 0 (PEFT's initialisation): n = ||W_j|| exactly, so c = m / n = 1 and DoRA starts as PEFT's exact no-op."""
+    t = dora_inputs(4, 77, 33, 8, torch.float32, lora_bias=True)
+    norm = norm_backend.dora_row_norm(t["weight"], t["lora_a"], torch.zeros_like(t["lora_b"]),
+                                      torch.zeros_like(t["lora_bias"]), scaling=2.0, weight_is_kn=False)
+    assert torch.equal(norm, torch.linalg.norm(t["weight"].detach(), dim=1))
 
 
 def test_weight_norm_cache_is_reused_and_invalidated_when_the_weight_changes():
@@ -115,13 +178,13 @@ def test_weight_norm_cache_is_reused_and_invalidated_when_the_weight_changes():
     assert relative_error(norm, exact_row_norm(weight, t["lora_a"], t["lora_b"], 0.5)) < TOLERANCE[torch.float32]
 
 
-def test_precision_guard_recomputes_cancelling_rows_exactly(monkeypatch):
+def test_precision_guard_recomputes_cancelling_rows_exactly(monkeypatch, norm_backend):
     weight, lora_a, lora_b, scaling = nearly_cancelling()
     exact = exact_row_norm(weight, lora_a, lora_b, scaling)
-    guarded = dora_torch.dora_row_norm(weight, lora_a, lora_b, None, scaling=scaling, weight_is_kn=False)
+    guarded = norm_backend.dora_row_norm(weight, lora_a, lora_b, None, scaling=scaling, weight_is_kn=False)
     assert ((guarded.double() - exact).abs() / exact).max() < 1e-5
     monkeypatch.setattr(dora_torch, "CANCELLATION_GUARD", 0.0)  # the bare fp32 expansion is wrong there
-    bare = dora_torch.dora_row_norm(weight, lora_a, lora_b, None, scaling=scaling, weight_is_kn=False)
+    bare = norm_backend.dora_row_norm(weight, lora_a, lora_b, None, scaling=scaling, weight_is_kn=False)
     assert not torch.isfinite(bare[:2]).all() or ((bare[:2].double() - exact[:2]).abs() / exact[:2]).max() > 1e-3
     assert ((bare[2:].double() - exact[2:]).abs() / exact[2:]).max() < 1e-5  # ordinary rows need no guard
 

@@ -123,6 +123,13 @@ def test_bad_arguments_name_the_op():
         ops.lora_down(_rand(4, 8), _rand(2, 9), 0, 0.0)
     with pytest.raises(RuntimeError, match="dropout_p"):
         ops.lora_down(_rand(4, 8), _rand(2, 8), 0, 1.0)
+    weight, lora_a, lora_b = _rand(6, 8), _rand(2, 8), _rand(6, 2)
+    with pytest.raises(RuntimeError, match="dora_row_norm: shape mismatch"):
+        ops.dora_row_norm(weight, torch.ones(6), lora_a, lora_b, None, 1.0, 0.25, True)  # [K, N] read as [N, K]
+    with pytest.raises(RuntimeError, match="dora_row_norm: w_squared"):
+        ops.dora_row_norm(weight, torch.ones(5), lora_a, lora_b, None, 1.0, 0.25, False)
+    with pytest.raises(RuntimeError, match="dora_row_norm: lora_bias"):
+        ops.dora_row_norm(weight, torch.ones(6), lora_a, lora_b, torch.ones(5), 1.0, 0.25, False)
 
 
 def _layer_inputs(m, k, n, r, dtype, *, kn=False, lora_bias=False, adapter_dtype=None, lead=()):
@@ -220,6 +227,9 @@ def test_fake_kernels_agree_with_the_real_ones():
     torch.library.opcheck(ops.lora_dx_da, (None, x, s, lora_a, 4, 0.1, True))
     torch.library.opcheck(ops.dora_dy, (x, torch.rand(20), x.flip(0)))
     torch.library.opcheck(ops.dora_dy, (x, torch.rand(20), None))
+    w_squared = x.square().sum(1)
+    torch.library.opcheck(ops.dora_row_norm, (x, w_squared, lora_a, _rand(12, 3), None, 1.5, 0.25, False))
+    torch.library.opcheck(ops.dora_row_norm, (x.t(), w_squared, lora_a, _rand(12, 3), _rand(12), 1.5, 0.25, True))
 
 
 def test_torch_compile_traces_the_native_ops():

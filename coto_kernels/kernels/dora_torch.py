@@ -50,7 +50,7 @@ from .interface import DoraGrads, GradRequest, LoraOptions, weight_nk
 
 __all__ = [
     "CANCELLATION_GUARD", "augmented_factors", "clear_weight_norm_cache", "column_scale", "dora_backward",
-    "dora_forward", "dora_row_norm", "dropout_keep_mask", "dropped_input", "magnitude_grad_from_dots",
+    "dora_forward", "dora_row_norm", "dropout_keep_mask", "dropped_input", "magnitude_grad", "magnitude_grad_from_dots",
     "recompute_silent_columns_", "scale_dy", "times_transposed_fp32",
     "weight_row_norms_squared",
 ]
@@ -228,7 +228,7 @@ def scale_dy(dy: Tensor, scale: Tensor, saved: Tensor | None) -> tuple[Tensor, T
 ScaleDy = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
 
 
-def _magnitude_grad(
+def magnitude_grad(
     dots: Tensor, dy: Tensor, x: Tensor, weight_rows: Tensor, bias: Tensor | None, lora_b: Tensor,
     lora_bias: Tensor | None, magnitude: Tensor, norm: Tensor, s: Tensor, from_z: bool, scaling: float,
 ) -> Tensor:
@@ -302,7 +302,7 @@ def dora_backward(
         d_lora_bias = g_lora.sum(0).mul_(scaling)
     d_bias = dy.sum(0) if need.dbias else None
     if need_magnitude:
-        d_magnitude = _magnitude_grad(dots, dy, x, w, bias, lora_b, lora_bias, magnitude, norm, s,
+        d_magnitude = magnitude_grad(dots, dy, x, w, bias, lora_b, lora_bias, magnitude, norm, s,
                                       z_saved is not None, scaling)
     if need.dx:
         if keep is None:  # dX = G W + dS A: one GEMM, the low-rank term added in place

@@ -12,6 +12,8 @@ skinny, dropout-fused parts are the ``torch.ops.coto_kernels_native`` ops built 
   generated once per row block for both (fp32 without dropout on the CPU: two BLAS calls, nothing to fuse);
 - ``dora_dy(dy, c, saved)``: DoRA's G = c * dY and sum_rows(dY * saved) (its magnitude gradient) from one read of
   dY (CPU only);
+- ``dora_row_norm(weight, w_squared, a, b, lora_bias, scaling, guard, weight_is_kn)``: DoRA's row norm by the
+  guarded expansion, one op (CPU only);
 - ``keep_mask(x, seed, p)``: the mask itself, one vectorised pass (tests, and DoRA's dropout path).
 
 On the CPU the arithmetic of these ops is BLAS on cache-sized row blocks (``csrc/lora_ops.cpp``).
@@ -33,7 +35,7 @@ from torch import Tensor
 from .interface import GradRequest, LoraGrads, LoraOptions, gated_off_runs_frozen_base, weight_nk
 from .lora_torch import blas_lora_forward
 
-__all__ = ["CUDA_STATUS", "dora_dy", "dropout_keep_mask", "lora_backward", "lora_forward"]
+__all__ = ["CUDA_STATUS", "dora_dy", "dora_row_norm", "dropout_keep_mask", "lora_backward", "lora_forward"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 _BUILD_HINT = ("build it with `make setup`, `pip install --no-build-isolation -e .` or "
@@ -105,6 +107,20 @@ def _lora_dx_da_fake(dx: Tensor | None, x: Tensor, ds: Tensor, lora_a: Tensor, s
 @torch.library.register_fake("coto_kernels_native::dora_dy")
 def _dora_dy_fake(dy: Tensor, col_scale: Tensor, saved: Tensor | None) -> tuple[Tensor, Tensor]:
     return torch.empty_like(dy), dy.new_empty(dy.shape[1] if saved is not None else 0, dtype=torch.float32)
+
+
+@torch.library.register_fake("coto_kernels_native::dora_row_norm")
+def _dora_row_norm_fake(weight: Tensor, w_squared: Tensor, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None,
+                        scaling: float, guard: float, weight_is_kn: bool) -> Tensor:
+    return w_squared.new_empty(lora_b.shape[0], dtype=torch.float32)
+
+
+def dora_row_norm(weight: Tensor, w_squared: Tensor, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None, *,
+                  scaling: float, guard: float, weight_is_kn: bool) -> Tensor:
+    """||W_j + s (B'A')_j|| (fp32 [N]) for CPU tensors from the cached ||W_j||^2 (``w_squared``): the expansion with
+    rows below ``guard`` recomputed in fp64 (math: ``dora_torch``'s docstring)."""
+    return _ops.dora_row_norm(weight, w_squared, lora_a, lora_b, lora_bias, float(scaling), float(guard),
+                              weight_is_kn)
 
 
 def dora_dy(dy: Tensor, col_scale: Tensor, saved: Tensor | None) -> tuple[Tensor, Tensor | None]:
