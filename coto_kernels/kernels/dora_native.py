@@ -11,8 +11,8 @@ ops on the CPU where torch needs several passes or many small ops:
 
 Without dropout, DoRA's backward is LoRA's on G (dX = G W + dS A with dS = s G B, dB = s G^T S, dA = dS^T X,
 d lora_bias = s sum_rows(G)) plus d bias = sum_rows(dY) and dm: on the CPU it runs as ``dora_dy`` followed by
-``lora_native.lora_backward`` on G (its native ``lora_dy`` / ``lora_dx_da`` ops), a dozen dispatches where the torch
-formulation issues twice as many. Everything else is BLAS either way (the dense GEMMs, the skinny low-rank
+``lora_native.lora_backward`` on G (its native ``lora_dy`` / ``lora_dx_da`` ops): 17 dispatches per layer where
+the torch formulation issues 24. Everything else is BLAS either way (the dense GEMMs, the skinny low-rank
 products), so it stays ``dora_torch``'s; CUDA tensors and mixed dtypes take torch's path (DoRA on the GPU is
 ``dora_triton``'s).
 """
