@@ -181,10 +181,10 @@ def exact_row_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: floa
     return torch.linalg.norm(weight.double() + scaling * lora_b.double() @ lora_a.double(), dim=1)
 
 
-def nearly_cancelling(k: int = 512, n: int = 6, r: int = 4, remainder: float = 1e-4
+def nearly_cancelling(k: int = 512, n: int = 6, r: int = 4, remainder: float = 1e-4, device: str = "cpu"
                       ) -> tuple[Tensor, Tensor, Tensor, float]:
-    """(W, A, B, s) whose rows 0 and 1 of W + s B A cancel to ~``remainder`` of their parts' length (the DoRA norm's
-    precision guard flags them below ~0.4); the other rows are ordinary."""
+    """(W, A, B, s) on ``device`` whose rows 0 and 1 of W + s B A cancel to ~``remainder`` of their parts' length
+    (the DoRA norm's precision guard flags them below ~0.4); the other rows are ordinary."""
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(n, k, generator=g)
     lora_a = torch.randn(r, k, generator=g) / k**0.5
@@ -194,4 +194,27 @@ def nearly_cancelling(k: int = 512, n: int = 6, r: int = 4, remainder: float = 1
         lora_a[row] = -weight[row] / scaling
         lora_b[row] = 0.0
         lora_b[row, row] = 1.0 - remainder
-    return weight, lora_a, lora_b, scaling
+    return weight.to(device), lora_a.to(device), lora_b.to(device), scaling
+
+
+def check_guard_fixes_cancelling_rows(dora_row_norm, monkeypatch, *, device: str = "cpu", **shape) -> None:
+    """A backend's ``dora_row_norm`` on ``nearly_cancelling(**shape)``: the cancelling rows as exact as fp64, where
+    the bare fp32 expansion (guard 0) is wrong; the ordinary rows need no guard."""
+    from coto_kernels.kernels import dora_torch
+
+    weight, lora_a, lora_b, scaling = nearly_cancelling(**shape, device=device)
+    exact = exact_row_norm(weight, lora_a, lora_b, scaling)
+    guarded = dora_row_norm(weight, lora_a, lora_b, None, scaling=scaling, weight_is_kn=False)
+    assert ((guarded.double() - exact).abs() / exact).max() < 1e-5
+    monkeypatch.setattr(dora_torch, "CANCELLATION_GUARD", 0.0)
+    bare = dora_row_norm(weight, lora_a, lora_b, None, scaling=scaling, weight_is_kn=False)
+    assert not torch.isfinite(bare[:2]).all() or ((bare[:2].double() - exact[:2]).abs() / exact[:2]).max() > 1e-3
+    assert ((bare[2:].double() - exact[2:]).abs() / exact[2:]).max() < 1e-5
+
+
+def check_fresh_adapter_norm_is_exact(dora_row_norm, inputs: dict) -> None:
+    """B = 0 and lora_bias = 0 (PEFT's initialisation): n = ||W_j|| bit for bit (the square root correctly rounded),
+    so c = m / n = 1 and DoRA starts as PEFT's exact no-op."""
+    norm = dora_row_norm(inputs["weight"], inputs["lora_a"], torch.zeros_like(inputs["lora_b"]),
+                         torch.zeros_like(inputs["lora_bias"]), scaling=2.0, weight_is_kn=False)
+    assert torch.equal(norm, torch.linalg.norm(inputs["weight"].detach(), dim=1))

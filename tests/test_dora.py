@@ -13,9 +13,10 @@ from reference import (
     TOLERANCE,
     assert_matches,
     check_dora_layer,
+    check_fresh_adapter_norm_is_exact,
+    check_guard_fixes_cancelling_rows,
     dora_inputs,
     exact_row_norm,
-    nearly_cancelling,
     peft_dora,
     relative_error,
 )
@@ -154,11 +155,8 @@ def test_row_norm_of_a_conv1d_or_half_precision_weight_with_fp32_adapters(norm_b
 
 
 def test_row_norm_of_a_fresh_adapter_is_the_weight_norm_bit_for_bit(norm_backend):
-    """B = 0 (PEFT's initialisation): n = ||W_j|| exactly, so c = m / n = 1 and DoRA starts as PEFT's exact no-op."""
-    t = dora_inputs(4, 77, 33, 8, torch.float32, lora_bias=True)
-    norm = norm_backend.dora_row_norm(t["weight"], t["lora_a"], torch.zeros_like(t["lora_b"]),
-                                      torch.zeros_like(t["lora_bias"]), scaling=2.0, weight_is_kn=False)
-    assert torch.equal(norm, torch.linalg.norm(t["weight"].detach(), dim=1))
+    check_fresh_adapter_norm_is_exact(norm_backend.dora_row_norm,
+                                      dora_inputs(4, 77, 33, 8, torch.float32, lora_bias=True))
 
 
 def test_weight_norm_cache_is_reused_and_invalidated_when_the_weight_changes():
@@ -179,14 +177,7 @@ def test_weight_norm_cache_is_reused_and_invalidated_when_the_weight_changes():
 
 
 def test_precision_guard_recomputes_cancelling_rows_exactly(monkeypatch, norm_backend):
-    weight, lora_a, lora_b, scaling = nearly_cancelling()
-    exact = exact_row_norm(weight, lora_a, lora_b, scaling)
-    guarded = norm_backend.dora_row_norm(weight, lora_a, lora_b, None, scaling=scaling, weight_is_kn=False)
-    assert ((guarded.double() - exact).abs() / exact).max() < 1e-5
-    monkeypatch.setattr(dora_torch, "CANCELLATION_GUARD", 0.0)  # the bare fp32 expansion is wrong there
-    bare = norm_backend.dora_row_norm(weight, lora_a, lora_b, None, scaling=scaling, weight_is_kn=False)
-    assert not torch.isfinite(bare[:2]).all() or ((bare[:2].double() - exact[:2]).abs() / exact[:2]).max() > 1e-3
-    assert ((bare[2:].double() - exact[2:]).abs() / exact[2:]).max() < 1e-5  # ordinary rows need no guard
+    check_guard_fixes_cancelling_rows(norm_backend.dora_row_norm, monkeypatch)
 
 
 # -- patch on PEFT DoRA models -----------------------------------------------------------------------------------

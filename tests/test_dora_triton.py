@@ -18,8 +18,9 @@ pytest.importorskip("triton")
 from reference import (  # noqa: E402
     assert_matches,
     check_dora_layer,
+    check_fresh_adapter_norm_is_exact,
+    check_guard_fixes_cancelling_rows,
     dora_inputs,
-    exact_row_norm,
     nearly_cancelling,
     peft_dora,
 )
@@ -117,25 +118,12 @@ def _no_host_reads():
 
 
 def test_row_norm_fixes_cancelling_rows_on_the_device(monkeypatch):
-    """``_row_norm_kernel`` recomputes the guard's rows in fp64 (3 K chunks, 2 rank chunks): as exact as fp64,
-    where the bare fp32 expansion (guard 0) is wrong; the ordinary rows need no guard."""
-    weight, lora_a, lora_b, scaling = nearly_cancelling(k=300, n=8, r=20)
-    exact = exact_row_norm(weight, lora_a, lora_b, scaling)
-    norm = kernels.dora_row_norm(weight, lora_a, lora_b, None, scaling=scaling, weight_is_kn=False)
-    assert ((norm.double() - exact).abs() / exact).max() < 1e-5
-    monkeypatch.setattr(dora_torch, "CANCELLATION_GUARD", 0.0)
-    bare = kernels.dora_row_norm(weight, lora_a, lora_b, None, scaling=scaling, weight_is_kn=False)
-    assert not torch.isfinite(bare[:2]).all() or ((bare[:2].double() - exact[:2]).abs() / exact[:2]).max() > 1e-3
-    assert ((bare[2:].double() - exact[2:]).abs() / exact[2:]).max() < 1e-5
+    """``_row_norm_kernel`` recomputes the guard's rows in fp64 (3 K chunks, 2 rank chunks)."""
+    check_guard_fixes_cancelling_rows(kernels.dora_row_norm, monkeypatch, device=DEVICE, k=300, n=8, r=20)
 
 
 def test_row_norm_of_a_fresh_adapter_is_the_weight_norm_bit_for_bit():
-    """B = 0: n = ||W_j|| exactly (the square root correctly rounded), so c = m / n = 1 and DoRA is PEFT's no-op."""
-    t = _inputs(4, 77, 33, 8, F32, lora_bias=True)
-    zeros = torch.zeros_like(t["lora_b"])
-    norm = kernels.dora_row_norm(t["weight"], t["lora_a"], zeros, torch.zeros_like(t["lora_bias"]), scaling=2.0,
-                                 weight_is_kn=False)
-    assert torch.equal(norm, torch.linalg.norm(t["weight"].detach(), dim=1))
+    check_fresh_adapter_norm_is_exact(kernels.dora_row_norm, _inputs(4, 77, 33, 8, F32, lora_bias=True))
 
 
 @pytest.mark.parametrize("dtype", [BF16, torch.float16])
@@ -177,7 +165,7 @@ def test_unsplit_adapters_up_to_max_rank_take_the_one_pass_product(monkeypatch):
 def test_forward_and_backward_read_nothing_on_the_host():
     """Guarded norm (cancelling rows), zero-magnitude columns, saved Y: the Triton DoRA step runs without reading a
     value on the host, so on a GPU it queues without a sync."""
-    weight, lora_a, lora_b, scaling = nearly_cancelling(k=48, n=20, r=4, remainder=0.2)  # flagged, c ~ 5
+    weight, lora_a, lora_b, scaling = nearly_cancelling(k=48, n=20, r=4, remainder=0.2, device=DEVICE)  # flagged, c ~ 5
     t = _inputs(33, 48, 20, 4, F32, bias=False)
     t.update(weight=weight, lora_a=lora_a.requires_grad_(), lora_b=lora_b.requires_grad_())
     with torch.no_grad():
