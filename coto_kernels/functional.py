@@ -7,7 +7,7 @@ copy), S = drop(X) A^T (M x r) and the dropout seed: never a dropped copy of X, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -15,8 +15,13 @@ from torch import Tensor
 
 from .kernels import KERNEL_BACKENDS, backend_available, load_backend, native_cuda_status
 from .kernels.interface import GradRequest, LoraOptions
+from .kernels.lora_group import GroupDropout, GroupMember, group_backward, group_forward
 
 BACKENDS = ("auto", *KERNEL_BACKENDS)
+#: Backends whose layers run ``lora_linear_group``: their products are BLAS calls, which the group shares. The
+#: Triton kernels compute S inside the base GEMM's tiles, where X is already read once per layer. With dropout
+#: only the native backend on the CPU groups (its ``lora_down_group`` / ``lora_dx_da_group`` ops).
+GROUP_BACKENDS = ("torch", "native")
 
 
 def triton_available() -> bool:
@@ -158,3 +163,107 @@ def lora_linear(
         GatedLoRAFunction.apply, x, weight, bias, lora_a, lora_b, lora_bias,
         float(scaling), float(dropout_p), seed, bool(gate), weight_is_kn, resolve_backend(backend, x.device),
     )
+
+
+class GatedLoRAGroupFunction(torch.autograd.Function):
+    """``lora_linear`` of several gated-on layers reading one 2-D ``x`` (math: ``kernels.lora_group``).
+
+    Inputs after the scalars: each member's (weight, bias, lora_a, lora_b, lora_bias), flattened. Saves X, S and
+    the operands; outputs one Y per member, separate tensors (each may be modified in place by its caller).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scalings: tuple[float, ...], weight_is_kn: tuple[bool, ...], dropout_p: float,
+                seeds: tuple[int, ...], backend: str, *flat: Tensor | None):
+        members = _group_members(flat, scalings, weight_is_kn)
+        dropout = GroupDropout(dropout_p, seeds, load_backend(backend)) if dropout_p > 0.0 else None
+        ys, s = group_forward(x, members, dropout)
+        ctx.save_for_backward(x, s, *flat)
+        ctx.scalings, ctx.weight_is_kn, ctx.dropout = scalings, weight_is_kn, dropout
+        ctx.set_materialize_grads(False)  # an unused output's dY stays None: its member gets no gradient
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *dys: Tensor | None):
+        x, s, *flat = ctx.saved_tensors
+        members = _group_members(flat, ctx.scalings, ctx.weight_is_kn)
+        first = 6  # inputs before the flattened members
+        needs = [ctx.needs_input_grad[first + 5 * i: first + 5 * i + 5] for i in range(len(members))]
+        dys = [dy if dy is None or dy.is_contiguous() else dy.contiguous() for dy in dys]
+        dx, grads = group_backward(
+            dys, x, members, s, need_dx=ctx.needs_input_grad[0],
+            need_lora=[need[2] or need[3] for need in needs],
+            need_bias=[need[1] for need in needs], need_lora_bias=[need[4] for need in needs],
+            dropout=ctx.dropout,
+        )
+        flat_grads: list[Tensor | None] = []
+        for member, need, dy, g in zip(members, needs, dys, grads, strict=True):
+            d_weight = base_weight_grad(x, dy, member.weight_is_kn) if need[0] and dy is not None else None
+            flat_grads += [d_weight, g.d_bias, g.d_lora_a if need[2] else None, g.d_lora_b if need[3] else None,
+                           g.d_lora_bias]
+        return (dx, None, None, None, None, None, *flat_grads)
+
+
+def _group_members(flat: Sequence[Tensor | None], scalings: Sequence[float],
+                   weight_is_kn: Sequence[bool]) -> list[GroupMember]:
+    return [GroupMember(*flat[5 * i: 5 * i + 5], scalings[i], weight_is_kn[i]) for i in range(len(scalings))]
+
+
+def can_group(x: Tensor, members: Sequence[GroupMember], backend: str, dropout_p: float = 0.0) -> bool:
+    """Whether ``lora_linear_group`` takes these members: two or more, a BLAS backend (``GROUP_BACKENDS``; with
+    dropout the native one on the CPU) and, unless autocast casts them all to one dtype, every operand in ``x``'s
+    dtype and on its device."""
+    resolved = resolve_backend(backend, x.device)
+    if len(members) < 2 or resolved not in GROUP_BACKENDS:
+        return False
+    if dropout_p > 0.0 and (resolved != "native" or x.device.type != "cpu"):
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return all(t.device == x.device for m in members for t in m[:5] if t is not None)
+    return all(t.dtype == x.dtype and t.device == x.device for m in members for t in m[:5] if t is not None)
+
+
+def lora_linear_group(
+    x: Tensor, members: Sequence[GroupMember], *, dropout_p: float = 0.0, seeds: Sequence[int] | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, ...]:
+    """``lora_linear(x, *member, gate=True, dropout_p=dropout_p)`` for every member, computed together.
+
+    For layers that read the same ``x`` (a decoder block's q/k/v or gate/up projections): X is read once for
+    all the members' S = drop_i(X) A_i^T and once for their dA, and dX accumulates into one tensor
+    (``coto_kernels.kernels.lora_group``). Same results as the separate calls up to summation order; with dropout,
+    member i's mask is the one ``lora_linear(..., seed=seeds[i])`` draws (seeds default to one
+    ``new_dropout_seed()`` per member, in order). Needs ``can_group(x, members, backend, dropout_p)``; ``patch``
+    forms the groups itself (``CoToLinear``).
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    if not can_group(x, members, backend, dropout_p):
+        raise ValueError(
+            f"lora_linear_group needs at least two members, backend one of {GROUP_BACKENDS} (got {backend!r}; "
+            "with dropout: 'native' on the CPU) and, outside autocast, every operand in x's dtype and on its device"
+        )
+    for m in members:
+        if x.shape[-1] != m.lora_a.shape[1] or m.lora_b.shape[1] != m.lora_a.shape[0]:
+            raise ValueError(f"shape mismatch: x {tuple(x.shape)}, lora_a {tuple(m.lora_a.shape)}, "
+                             f"lora_b {tuple(m.lora_b.shape)}")
+    if seeds is None:
+        seeds = [new_dropout_seed() if dropout_p > 0.0 else 0 for _ in members]
+    if len(seeds) != len(members):
+        raise ValueError(f"seeds needs one entry per member ({len(members)}), got {len(seeds)}")
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear_group(
+                x.to(dtype),
+                [m._replace(**{f: t.to(dtype) for f, t in zip(m._fields[:5], m[:5]) if t is not None})
+                 for m in members],
+                dropout_p=dropout_p, seeds=seeds, backend=backend,
+            )
+    flat = [t for m in members for t in m[:5]]
+    ys = GatedLoRAGroupFunction.apply(
+        x.reshape(-1, x.shape[-1]), tuple(float(m.scaling) for m in members),
+        tuple(bool(m.weight_is_kn) for m in members), float(dropout_p), tuple(int(seed) for seed in seeds),
+        resolve_backend(backend, x.device), *flat,
+    )
+    return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)

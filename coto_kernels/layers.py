@@ -21,8 +21,10 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import layer as peft_lora_layer
 from torch import nn
 
-from .functional import lora_linear
+from .functional import can_group, lora_linear, lora_linear_group
 from .functional_dora import dora_linear
+from .kernels.lora_group import GroupMember
+from .siblings import SiblingInputs
 
 try:  # PEFT >= 0.15 implements DoRA as a LoRA variant
     from peft.tuners.lora.variants import DoraLinearVariant
@@ -41,6 +43,7 @@ PEFT_ONLY_FORWARD_KWARGS: tuple[str, ...] = ("adapter_names", *getattr(peft_lora
 # Every attribute ``patch`` may add to a layer's ``__dict__``; ``unpatch`` removes exactly these.
 PATCH_ATTRIBUTES: tuple[str, ...] = (
     "coto_gate", "_coto_gate", "coto_gate_tensor", "coto_override", "coto_name", "coto_backend", "_coto_warned",
+    "coto_siblings",
 )
 
 
@@ -212,7 +215,43 @@ class CoToLinear(CoToLayerMixin, LoraLinear):
             if not self.training:  # PEFT's DoRA drops out only in training mode (``module.training``)
                 options["dropout_p"] = 0.0
             return dora_linear(x, *operands, self.lora_magnitude_vector[adapter].weight, **options)
+        siblings: SiblingInputs | None = self.__dict__.get("coto_siblings")
+        if siblings is not None and not torch.compiler.is_compiling() and siblings.observe(self, x):
+            held = siblings.take(self, x)
+            if held is not None:  # computed by this layer's group leader from this very x
+                return held
+            group = siblings.group_led_by(self)
+            if group is not None and (output := self._group_forward(x, group, siblings)) is not None:
+                return output
         return lora_linear(x, *operands, **options)
+
+    def _group_member(self) -> tuple[GroupMember, float] | None:
+        """This layer's operands and dropout probability for its leader's ``lora_linear_group`` call, when its own
+        forward would take the fused LoRA path now; else None."""
+        if not self.coto_is_on() or self.disable_adapters or static_fallback_reason(self) is not None:
+            return None
+        adapter, (weight, bias, lora_a, lora_b, lora_bias), options = self._fused_operands()
+        if is_dora(self, adapter):
+            return None
+        member = GroupMember(weight, bias, lora_a, lora_b, lora_bias, options["scaling"], options["weight_is_kn"])
+        return member, options["dropout_p"]
+
+    def _group_forward(
+        self, x: torch.Tensor, group: tuple[nn.Module, ...], siblings: SiblingInputs
+    ) -> torch.Tensor | None:
+        """Every member's output from one ``lora_linear_group`` call: this layer's returned, the others' held for
+        their own calls on ``x``. None (nothing computed) when a member cannot join this forward."""
+        joined = [layer._group_member() if isinstance(layer, CoToLinear) else None for layer in group]
+        if any(j is None for j in joined) or any(layer.coto_backend != self.coto_backend for layer in group):
+            return None
+        members = [member for member, _ in joined]
+        dropout_p = joined[0][1]
+        if any(p != dropout_p for _, p in joined) or not can_group(x, members, self.coto_backend, dropout_p):
+            return None
+        outputs = lora_linear_group(x, members, dropout_p=dropout_p, backend=self.coto_backend)
+        for layer, output in zip(group[1:], outputs[1:], strict=True):
+            siblings.hold(layer, x, output)
+        return outputs[0]
 
     def _fused_operands(self) -> tuple[str, tuple, dict[str, Any]]:
         """The active adapter, (weight, bias, lora_a, lora_b, lora_bias) and the scalar options of the fused call.

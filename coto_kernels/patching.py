@@ -34,9 +34,12 @@ from .controller import CoToController
 from .functional import BACKENDS, triton_available
 from .gates import random_seed
 from .layers import CoToLayerMixin, gated_class, static_fallback_reason, strip_patch_attributes
+from .siblings import SiblingInputs
 
 # Where ``patch`` keeps the controller in the patched model's ``__dict__``.
 CONTROLLER_KEY = "coto_controller"
+# Where it keeps the model's ``SiblingInputs`` (absent with ``fuse_siblings=False``); every gated layer shares it.
+SIBLINGS_KEY = "coto_siblings"
 # The PEFT tuner methods ``patch`` wraps (instance attributes of the tuner, removed by ``unpatch``).
 _UNPATCHING_TUNER_METHODS = ("merge_and_unload", "unload")
 _GATING_TUNER_METHODS = ("inject_adapter",)
@@ -68,6 +71,8 @@ def _gate_layers(model: nn.Module, layers: Mapping[str, nn.Module], backend: str
         layer.__class__ = gated_class(type(layer))
         layer.coto_name = name
         layer.coto_backend = backend
+        if SIBLINGS_KEY in model.__dict__:
+            layer.coto_siblings = model.__dict__[SIBLINGS_KEY]
         if name in unfused:  # already named in the warning below
             layer.__dict__["_coto_warned"] = {unfused[name]}
     if unfused:
@@ -151,7 +156,7 @@ def _unwrap_tuner_methods(model: nn.Module) -> None:
 
 
 def _remove_model_hooks(model: nn.Module) -> None:
-    hooks = (distributed.TrainingGuard, NewLayerWatch)
+    hooks = (distributed.TrainingGuard, NewLayerWatch, SiblingInputs)
     for key in [k for k, hook in model._forward_pre_hooks.items() if isinstance(hook, hooks)]:
         del model._forward_pre_hooks[key]
 
@@ -165,6 +170,7 @@ def patch(
     *,
     backend: str = "auto",
     check_gates: bool = True,
+    fuse_siblings: bool = True,
     **options: Any,
 ) -> CoToController:
     """Gate every PEFT LoRA layer of ``model`` with CoTo and fuse the ones the kernels cover.
@@ -180,6 +186,11 @@ def patch(
             ``"torch"``, ``"triton"`` or ``"native"``.
         check_gates: under DDP/FSDP, check at the first training forward that every rank holds the same gates
             (one all-gather that every rank must reach); ``False`` skips that check.
+        fuse_siblings: fused layers that read the same input one after another (a block's q/k/v, gate/up; found
+            by watching the forward, ``coto_kernels.siblings``) compute their LoRA products on that input together
+            (``lora_linear_group``): with the BLAS backends (``"torch"``, ``"native"``; with dropout ``"native"`` on
+            the CPU), adapters on. Same results up to summation order (the same dropout masks); ``False`` computes
+            every layer on its own.
 
     Returns:
         The ``CoToController``; also stored as ``model.coto_controller``.
@@ -205,6 +216,9 @@ def patch(
         _check_triton_device(layers)
     controller = CoToController(layers, config)
     peft_optimizers.install()  # PEFT's LoRA-FA optimizer skips gated-off adapters too
+    if fuse_siblings:
+        model.__dict__[SIBLINGS_KEY] = SiblingInputs()
+        model.register_forward_pre_hook(model.__dict__[SIBLINGS_KEY])  # learnt groups take effect per forward
     _gate_layers(model, layers, backend)
     controller.redraw()  # hand the initial gates to the now-gated layers
     model.__dict__[CONTROLLER_KEY] = controller
@@ -225,6 +239,7 @@ def unpatch(model: nn.Module) -> None:
     _remove_model_hooks(model)
     release_input_grads(model)
     del model.__dict__[CONTROLLER_KEY]
+    model.__dict__.pop(SIBLINGS_KEY, None)
     for module in model.modules():
         if isinstance(module, CoToLayerMixin):
             strip_patch_attributes(module)

@@ -173,28 +173,79 @@ void check_2d(const Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2, "coto_kernels_native: ", name, " must be 2-D, got shape ", t.sizes());
 }
 
-Tensor lora_down_cpu(const Tensor& x_in, const Tensor& a_in, int64_t seed, double dropout_p) {
+// One adapter of a call: rows [offset, offset + rank) of the (stacked) A, the same columns of S and dS, and the mask
+// of its own seed. A single layer's call has one; a group of layers reading the same X (q/k/v: coto_kernels/
+// kernels/lora_group.py) has one per layer, and each row block of X is then read from memory once for all of them
+// (the members' dropped copies are made from the block while it is in cache).
+struct Member {
+  int64_t offset;
+  int64_t rank;
+  Dropout dropout;
+};
+
+bool any_dropout(const std::vector<Member>& members) {
+  return std::any_of(members.begin(), members.end(), [](const Member& m) { return m.dropout.on; });
+}
+
+std::vector<Member> single_member(int64_t rank, int64_t seed, double dropout_p, int64_t K) {
+  return {Member{0, rank, make_dropout(seed, dropout_p, K)}};
+}
+
+std::vector<Member> group_members(c10::IntArrayRef ranks, c10::IntArrayRef seeds, double dropout_p, int64_t K,
+                                  int64_t stacked_rank, const char* op) {
+  TORCH_CHECK(!ranks.empty() && ranks.size() == seeds.size(), "coto_kernels_native.", op,
+              ": ranks and seeds need one entry per member, got ", ranks.size(), " and ", seeds.size());
+  std::vector<Member> members;
+  int64_t offset = 0;
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    TORCH_CHECK(ranks[i] > 0, "coto_kernels_native.", op, ": ranks must be positive, got ", ranks);
+    members.push_back(Member{offset, ranks[i], make_dropout(seeds[i], dropout_p, K)});
+    offset += ranks[i];
+  }
+  TORCH_CHECK(offset == stacked_rank, "coto_kernels_native.", op, ": ranks ", ranks, " do not add up to lora_a's ",
+              stacked_rank, " rows");
+  return members;
+}
+
+void check_down(const Tensor& x, const Tensor& a, const char* op) {
+  check_2d(x, "x");
+  check_2d(a, "lora_a");
+  TORCH_CHECK(x.size(1) == a.size(1), "coto_kernels_native.", op, ": x ", x.sizes(), " and lora_a ", a.sizes(),
+              " disagree on K");
+}
+
+// S = [drop_1(X) A_1^T | ... | drop_n(X) A_n^T] (fp32).
+Tensor down_members(const Tensor& x_in, const Tensor& a_in, const std::vector<Member>& members) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // BLAS calls inside: no autograd on them
-  check_2d(x_in, "x");
-  check_2d(a_in, "lora_a");
-  TORCH_CHECK(x_in.size(1) == a_in.size(1), "coto_kernels_native.lora_down: x ", x_in.sizes(), " and lora_a ",
-              a_in.sizes(), " disagree on K");
-  const Dropout d = make_dropout(seed, dropout_p, x_in.size(1));
   const Tensor x = unit_col_stride(x_in);
   const Tensor a_t = as_fp32(a_in).t();
   const int64_t M = x.size(0), K = x.size(1);
-  if (!d.on && x.scalar_type() == at::kFloat) return at::mm(x, a_t);
+  if (!any_dropout(members) && x.scalar_type() == at::kFloat) return at::mm(x, a_t);
   Tensor s = at::empty({M, a_in.size(0)}, x.options().dtype(at::kFloat));
   if (M == 0) return s;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_down", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     for_row_blocks(M, partition_count(M), [&](int64_t row0, int64_t rows, int64_t) {
       thread_local std::vector<float> buffer;
-      Tensor s_rows = s.narrow(0, row0, rows);
-      at::mm_out(s_rows, dropped_rows(xp, x.stride(0), row0, rows, K, d, buffer, nullptr), a_t);
+      for (const Member& m : members) {
+        Tensor s_rows = s.narrow(0, row0, rows).narrow(1, m.offset, m.rank);
+        at::mm_out(s_rows, dropped_rows(xp, x.stride(0), row0, rows, K, m.dropout, buffer, nullptr),
+                   a_t.narrow(1, m.offset, m.rank));
+      }
     });
   });
   return s;
+}
+
+Tensor lora_down_cpu(const Tensor& x, const Tensor& a, int64_t seed, double dropout_p) {
+  check_down(x, a, "lora_down");
+  return down_members(x, a, single_member(a.size(0), seed, dropout_p, x.size(1)));
+}
+
+Tensor lora_down_group_cpu(const Tensor& x, const Tensor& a, c10::IntArrayRef ranks, c10::IntArrayRef seeds,
+                           double dropout_p) {
+  check_down(x, a, "lora_down_group");
+  return down_members(x, a, group_members(ranks, seeds, dropout_p, x.size(1), a.size(0), "lora_down_group"));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -265,27 +316,30 @@ void dx_da_rows(T* dx, int64_t lddx, const T* x, int64_t ldx, int64_t row0, int6
   add_rows(dx + row0 * lddx, lddx, rows, K, delta.data(), scale_dx ? factor.data() : nullptr);
 }
 
-Tensor lora_dx_da_cpu(const std::optional<Tensor>& dx_opt, const Tensor& x_in, const Tensor& ds_in,
-                      const Tensor& a_in, int64_t seed, double dropout_p, bool need_da) {
+void check_dx_da(const std::optional<Tensor>& dx_opt, const Tensor& x, const Tensor& ds, const Tensor& a,
+                 const char* op) {
+  check_2d(x, "x");
+  check_2d(ds, "ds");
+  check_2d(a, "lora_a");
+  TORCH_CHECK(x.size(0) == ds.size(0) && x.size(1) == a.size(1) && ds.size(1) == a.size(0), "coto_kernels_native.",
+              op, ": x ", x.sizes(), ", ds ", ds.sizes(), " and lora_a ", a.sizes(), " do not fit together");
+  if (dx_opt.has_value() && dx_opt->defined()) {
+    TORCH_CHECK(dx_opt->sizes() == x.sizes() && dx_opt->scalar_type() == x.scalar_type() && dx_opt->stride(1) == 1,
+                "coto_kernels_native.", op, ": dx must have x's shape ", x.sizes(), " and dtype ", x.scalar_type(),
+                " with unit column stride; got ", dx_opt->sizes(), " ", dx_opt->scalar_type());
+  }
+}
+
+// dX += sum_i drop'_i(dS_i A_i) in place and dA = [dS_1^T drop_1(X); ...; dS_n^T drop_n(X)] (fp32).
+Tensor dx_da_members(const std::optional<Tensor>& dx_opt, const Tensor& x_in, const Tensor& ds_in,
+                     const Tensor& a_in, const std::vector<Member>& members, bool need_da) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // BLAS calls inside: no autograd on them
-  check_2d(x_in, "x");
-  check_2d(ds_in, "ds");
-  check_2d(a_in, "lora_a");
-  TORCH_CHECK(x_in.size(0) == ds_in.size(0) && x_in.size(1) == a_in.size(1) && ds_in.size(1) == a_in.size(0),
-              "coto_kernels_native.lora_dx_da: x ", x_in.sizes(), ", ds ", ds_in.sizes(), " and lora_a ",
-              a_in.sizes(), " do not fit together");
-  const Dropout d = make_dropout(seed, dropout_p, x_in.size(1));
   const Tensor x = unit_col_stride(x_in);
   const Tensor ds = as_fp32(ds_in).contiguous(), a = as_fp32(a_in);
   const int64_t M = x.size(0), K = x.size(1), r = a.size(0);
   const bool has_dx = dx_opt.has_value() && dx_opt->defined();
-  if (has_dx) {
-    TORCH_CHECK(dx_opt->sizes() == x.sizes() && dx_opt->scalar_type() == x.scalar_type() && dx_opt->stride(1) == 1,
-                "coto_kernels_native.lora_dx_da: dx must have x's shape ", x.sizes(), " and dtype ",
-                x.scalar_type(), " with unit column stride; got ", dx_opt->sizes(), " ", dx_opt->scalar_type());
-  }
   const auto fp32 = ds.options();
-  if (!d.on && x.scalar_type() == at::kFloat) {  // nothing to fuse: BLAS on the whole operands
+  if (!any_dropout(members) && x.scalar_type() == at::kFloat) {  // nothing to fuse: BLAS on the whole operands
     if (has_dx) {
       Tensor dx = *dx_opt;
       dx.addmm_(ds, a);
@@ -302,13 +356,29 @@ Tensor lora_dx_da_cpu(const std::optional<Tensor>& dx_opt, const Tensor& x_in, c
       const int64_t lddx = has_dx ? dx_opt->stride(0) : 0;
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       for_row_blocks(M, parts, [&](int64_t row0, int64_t rows, int64_t part) {
-        Tensor da_part = need_da ? da_parts[part] : Tensor();
-        dx_da_rows(dxp, lddx, xp, x.stride(0), row0, rows, K, ds, a, d, need_da ? &da_part : nullptr);
+        for (const Member& m : members) {
+          Tensor da_part = need_da ? da_parts[part].narrow(0, m.offset, m.rank) : Tensor();
+          dx_da_rows(dxp, lddx, xp, x.stride(0), row0, rows, K, ds.narrow(1, m.offset, m.rank),
+                     a.narrow(0, m.offset, m.rank), m.dropout, need_da ? &da_part : nullptr);
+        }
       });
     });
   }
   if (!need_da) return at::empty({0}, fp32);
   return parts == 1 ? da_parts[0] : da_parts.sum(0);
+}
+
+Tensor lora_dx_da_cpu(const std::optional<Tensor>& dx, const Tensor& x, const Tensor& ds, const Tensor& a,
+                      int64_t seed, double dropout_p, bool need_da) {
+  check_dx_da(dx, x, ds, a, "lora_dx_da");
+  return dx_da_members(dx, x, ds, a, single_member(a.size(0), seed, dropout_p, x.size(1)), need_da);
+}
+
+Tensor lora_dx_da_group_cpu(const std::optional<Tensor>& dx, const Tensor& x, const Tensor& ds, const Tensor& a,
+                            c10::IntArrayRef ranks, c10::IntArrayRef seeds, double dropout_p, bool need_da) {
+  check_dx_da(dx, x, ds, a, "lora_dx_da_group");
+  return dx_da_members(dx, x, ds, a, group_members(ranks, seeds, dropout_p, x.size(1), a.size(0), "lora_dx_da_group"),
+                       need_da);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -493,6 +563,10 @@ TORCH_LIBRARY(coto_kernels_native, m) {
   m.def(
       "lora_dx_da(Tensor(a!)? dx, Tensor x, Tensor ds, Tensor lora_a, int seed, float dropout_p, bool need_da)"
       " -> Tensor");
+  m.def("lora_down_group(Tensor x, Tensor lora_a, int[] ranks, int[] seeds, float dropout_p) -> Tensor");
+  m.def(
+      "lora_dx_da_group(Tensor(a!)? dx, Tensor x, Tensor ds, Tensor lora_a, int[] ranks, int[] seeds,"
+      " float dropout_p, bool need_da) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(coto_kernels_native, CPU, m) {
@@ -500,6 +574,8 @@ TORCH_LIBRARY_IMPL(coto_kernels_native, CPU, m) {
   m.impl("lora_down", &coto::lora_down_cpu);
   m.impl("lora_dy", &coto::lora_dy_cpu);
   m.impl("lora_dx_da", &coto::lora_dx_da_cpu);
+  m.impl("lora_down_group", &coto::lora_down_group_cpu);
+  m.impl("lora_dx_da_group", &coto::lora_dx_da_group_cpu);
   m.impl("dora_dy", &coto::dora_dy_cpu);
   m.impl("dora_row_norm", &coto::dora_row_norm_cpu);
 }

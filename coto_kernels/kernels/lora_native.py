@@ -14,7 +14,9 @@ skinny, dropout-fused parts are the ``torch.ops.coto_kernels_native`` ops built 
   dY (CPU only);
 - ``dora_row_norm(weight, w_squared, a, b, lora_bias, scaling, guard, weight_is_kn)``: DoRA's row norm by the
   guarded expansion, one op (CPU only);
-- ``keep_mask(x, seed, p)``: the mask itself, one vectorised pass (tests, and DoRA's dropout path).
+- ``keep_mask(x, seed, p)``: the mask itself, one vectorised pass (tests, and DoRA's dropout path);
+- ``lora_down_group`` / ``lora_dx_da_group``: ``lora_down`` / ``lora_dx_da`` for a group of layers that read the
+  same X (``lora_group``), each member with its own seed: one pass over X's row blocks for all of them (CPU only).
 
 On the CPU the arithmetic of these ops is BLAS on cache-sized row blocks (``csrc/lora_ops.cpp``).
 
@@ -35,7 +37,10 @@ from torch import Tensor
 from .interface import GradRequest, LoraGrads, LoraOptions, gated_off_runs_frozen_base, weight_nk
 from .lora_torch import blas_lora_forward
 
-__all__ = ["CUDA_STATUS", "dora_dy", "dora_row_norm", "dropout_keep_mask", "lora_backward", "lora_forward"]
+__all__ = [
+    "CUDA_STATUS", "dora_dy", "dora_row_norm", "dropout_keep_mask", "lora_backward", "lora_down_group",
+    "lora_dx_da_group", "lora_forward",
+]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 _BUILD_HINT = ("build it with `make setup`, `pip install --no-build-isolation -e .` or "
@@ -104,6 +109,17 @@ def _lora_dx_da_fake(dx: Tensor | None, x: Tensor, ds: Tensor, lora_a: Tensor, s
     return x.new_empty(tuple(lora_a.shape) if need_da else (0,), dtype=torch.float32)
 
 
+@torch.library.register_fake("coto_kernels_native::lora_down_group")
+def _lora_down_group_fake(x: Tensor, lora_a: Tensor, ranks: list[int], seeds: list[int], dropout_p: float) -> Tensor:
+    return x.new_empty(x.shape[0], lora_a.shape[0], dtype=torch.float32)
+
+
+@torch.library.register_fake("coto_kernels_native::lora_dx_da_group")
+def _lora_dx_da_group_fake(dx: Tensor | None, x: Tensor, ds: Tensor, lora_a: Tensor, ranks: list[int],
+                           seeds: list[int], dropout_p: float, need_da: bool) -> Tensor:
+    return x.new_empty(tuple(lora_a.shape) if need_da else (0,), dtype=torch.float32)
+
+
 @torch.library.register_fake("coto_kernels_native::dora_dy")
 def _dora_dy_fake(dy: Tensor, col_scale: Tensor, saved: Tensor | None) -> tuple[Tensor, Tensor]:
     return torch.empty_like(dy), dy.new_empty(dy.shape[1] if saved is not None else 0, dtype=torch.float32)
@@ -127,6 +143,18 @@ def dora_dy(dy: Tensor, col_scale: Tensor, saved: Tensor | None) -> tuple[Tensor
     """(G = c * dY, sum_rows(dY * saved) in fp32 or None) for CPU tensors, ``saved`` of dY's shape and dtype."""
     g, dots = _ops.dora_dy(dy, col_scale, saved)
     return g, dots if saved is not None else None
+
+
+def lora_down_group(x: Tensor, lora_a: Tensor, ranks: list[int], seeds: list[int], dropout_p: float) -> Tensor:
+    """S = [drop_1(X) A_1^T | ... | drop_n(X) A_n^T] (fp32) for CPU tensors, ``lora_a`` the members' A stacked."""
+    return _ops.lora_down_group(x, lora_a, ranks, seeds, dropout_p)
+
+
+def lora_dx_da_group(dx: Tensor | None, x: Tensor, ds: Tensor, lora_a: Tensor, ranks: list[int], seeds: list[int],
+                     dropout_p: float, need_da: bool) -> Tensor | None:
+    """dX += sum_i drop'_i(dS_i A_i) in place; dA = the members' dS_i^T drop_i(X) stacked (fp32), or None."""
+    da = _ops.lora_dx_da_group(dx, x, ds, lora_a, ranks, seeds, dropout_p, need_da)
+    return da if need_da else None
 
 
 def dropout_keep_mask(seed: int, shape: tuple[int, int], dropout_p: float, device: torch.device | str) -> Tensor:
