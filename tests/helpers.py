@@ -100,6 +100,19 @@ def read_adapter_config(folder) -> dict:
     return config
 
 
+def assert_trainable_grads_match(model: torch.nn.Module, ref: torch.nn.Module, *, rtol: float = 1e-4,
+                                 atol: float = 1e-6) -> None:
+    """Every trainable parameter of ``model`` has ``ref``'s gradient (None where ``ref``'s is None)."""
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if ref_grads[name] is None:
+            assert param.grad is None, name
+        else:
+            torch.testing.assert_close(param.grad, ref_grads[name], rtol=rtol, atol=atol, msg=name)
+
+
 def check_patch_matches_peft(arch: str, backend: str, device: str = "cpu") -> None:
     """``patch(backend=...)`` against vanilla PEFT: loss and every trainable gradient with all adapters on; then
     with block 0 gated off its adapters get no gradient."""
@@ -117,10 +130,7 @@ def check_patch_matches_peft(arch: str, backend: str, device: str = "cpu") -> No
     loss = ours(**batch).loss
     loss.backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
-    for name, param in ours.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(param.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_trainable_grads_match(ours, ref)
     ours.zero_grad(set_to_none=True)
     controller.set_override([False, True])
     ours(**batch).loss.backward()

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import batch_for, tiny_peft_model
+from helpers import assert_trainable_grads_match, batch_for, tiny_peft_model
 
 import coto_kernels
 from bench import bench_checkpointing
@@ -76,14 +76,7 @@ def test_checkpointed_coto_gradients_and_truncation(arch, order, reentrant):
         plain(**batch).loss.backward()
         # truncation: exactly the blocks from the lowest active one up are recomputed in backward
         assert recomputed == set(range(lowest, len(gates))), (gates, recomputed)
-        reference = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
-        for name, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
-            if reference[name] is None:
-                assert param.grad is None, name
-            else:
-                torch.testing.assert_close(param.grad, reference[name], rtol=1e-5, atol=1e-7, msg=name)
+        assert_trainable_grads_match(model, plain, rtol=1e-5, atol=1e-7)
         model.zero_grad(set_to_none=True)
         plain.zero_grad(set_to_none=True)
 

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import batch_for, tiny_peft_model
+from helpers import assert_trainable_grads_match, batch_for, tiny_peft_model
 from reference import assert_matches, gated_lora
 
 import coto_kernels
@@ -134,6 +134,24 @@ def test_group_equals_the_separate_calls(backend):
         torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-6)
     for g, g2 in zip(grads, grads2, strict=True):
         torch.testing.assert_close(g, g2, rtol=1e-5, atol=1e-5)
+
+
+def test_group_takes_conv1d_members_in_their_own_layout():
+    members = _members(21, [(13, 4), (9, 2)], torch.float32, seed=4)
+    members[1]["weight"] = members[1]["weight"].t().contiguous()  # GPT-2 Conv1D stores W as [in, out]
+    group = [_group_member(members[0]), _group_member(members[1])._replace(weight_is_kn=True)]
+    x = torch.randn(6, 21, requires_grad=True)
+    ys = lora_linear_group(x, group, backend="torch")
+    dys = [torch.randn(6, 13), torch.randn(6, 9)]
+    torch.autograd.backward(ys, dys)
+    dx_ref = torch.zeros(6, 21, dtype=torch.float64)
+    for y, dy, t, kn in zip(ys, dys, members, (False, True), strict=True):
+        operands = {name: t[name] for name in ("weight", "bias", "lora_a", "lora_b", "lora_bias")}
+        ref = gated_lora(x, **operands, scaling=t["scaling"], weight_is_kn=kn, dy=dy)
+        assert_matches(y, ref["y"], torch.float32, "y")
+        assert_matches(t["lora_a"].grad, ref["d_lora_a"], torch.float32, "lora_a")
+        dx_ref += ref["dx"]
+    assert_matches(x.grad, dx_ref, torch.float32, "dx")
 
 
 def test_an_unused_output_gives_its_member_no_gradient():
@@ -262,10 +280,7 @@ def test_patched_llama_groups_qkv_and_gate_up_and_matches_peft(backend, monkeypa
         ref_loss.backward()
         loss.backward()
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-        ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
-        for name, param in ours.named_parameters():
-            if param.requires_grad:
-                torch.testing.assert_close(param.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert_trainable_grads_match(ours, ref)
     assert calls[0] == 2 * 2 * 2  # 2 steps x 2 blocks x (q/k/v, gate/up)
     siblings = ours.__dict__["coto_siblings"]
     block = ours.base_model.model.model.layers[0]
@@ -334,13 +349,7 @@ def test_a_held_output_is_used_only_for_its_own_input(mode, monkeypatch):
     ref(x).square().sum().backward()
     ours(x).square().sum().backward()
     assert calls[0] == 1  # the leader computed the group; the members had to find their own way
-    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
-    for name, param in ours.named_parameters():
-        if param.requires_grad:
-            if ref_grads[name] is None:
-                assert param.grad is None, name  # skip_v: v's adapter gets no gradient, as in PEFT
-            else:
-                torch.testing.assert_close(param.grad, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_trainable_grads_match(ours, ref, rtol=1e-5)  # skip_v: v's adapter gets no gradient, as in PEFT
 
 
 def test_a_member_switched_off_leaves_the_group_and_rejoins(monkeypatch):
@@ -404,10 +413,7 @@ def test_patched_llama_with_dropout_groups_and_equals_the_ungrouped_model(monkey
             losses.append(model(**batch).loss)
             losses[-1].backward()
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
-        expected = dict(separate.named_parameters())
-        for name, param in grouped.named_parameters():
-            if param.requires_grad:
-                torch.testing.assert_close(param.grad, expected[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_trainable_grads_match(grouped, separate)
     assert calls[0] == 2 * 2 * 2
 
 
@@ -426,8 +432,5 @@ def test_grouping_under_activation_checkpointing_matches_peft(use_reentrant, mon
         ours.zero_grad(set_to_none=True)
         ref(**batch).loss.backward()
         ours(**batch).loss.backward()
-        ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
-        for name, param in ours.named_parameters():
-            if param.requires_grad:
-                torch.testing.assert_close(param.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert_trainable_grads_match(ours, ref)
     assert calls[0] == 2 * 2 * 2 * 2  # steps 2 and 3, forward and recomputation, 2 blocks x 2 groups
