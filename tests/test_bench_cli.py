@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from bench import side_by_side
 from coto_kernels import bench
 
 
@@ -34,3 +35,11 @@ def test_bench_cli_dora_mode_runs_peft_dora_and_the_fused_layer(tmp_path):
     assert report["config"]["dora"] is True
     assert [r["mode"] for r in report["results"]] == ["vanilla", "coto-p1", "floor"]
     assert "DoRA r=16" in (tmp_path / json_path.name.replace(".json", ".md")).read_text()
+
+
+def test_side_by_side_ab_checks_equal_gradients_and_reports_both_against_the_floor(capsys):
+    assert side_by_side.main(["--preset", "tiny", "--rounds", "2", "--lora-dropout", "0"]) == 0
+    out = capsys.readouterr().out
+    difference = float(out.split("after one step: ")[1].split()[0])
+    assert difference < 1e-5  # the grouped and the separate model compute the same step
+    assert all(f"{name} " in out for name in ("a", "b", "floor")) and out.count("/ floor") == 3
