@@ -227,8 +227,11 @@ class CoToLinear(CoToLayerMixin, LoraLinear):
 
     def _group_member(self) -> tuple[GroupMember, float] | None:
         """This layer's operands and dropout probability for its leader's ``lora_linear_group`` call, when its own
-        forward would take the fused LoRA path now; else None."""
+        forward would take the fused LoRA path now; else None. Not with forward pre-hooks (or an accelerate hook) on
+        the layer itself: they run before its own call and may change its weights or state, after the leader."""
         if not self.coto_is_on() or self.disable_adapters or static_fallback_reason(self) is not None:
+            return None
+        if self._forward_pre_hooks or self.__dict__.get("_hf_hook") is not None:
             return None
         adapter, (weight, bias, lora_a, lora_b, lora_bias), options = self._fused_operands()
         if is_dora(self, adapter):

@@ -352,6 +352,24 @@ def test_a_held_output_is_used_only_for_its_own_input(mode, monkeypatch):
     assert_trainable_grads_match(ours, ref, rtol=1e-5)  # skip_v: v's adapter gets no gradient, as in PEFT
 
 
+def test_a_member_with_a_forward_pre_hook_is_not_computed_ahead_of_it(monkeypatch):
+    ref = _peft_block()
+    ours = copy.deepcopy(ref)
+    _patched(ours, backend="torch")
+
+    def double_lora_b(module, args):  # changes the layer's weights just before its own call
+        module.lora_B["default"].weight.data.mul_(2.0)
+
+    for model in (ref, ours):
+        model.base_model.model.k_proj.register_forward_pre_hook(double_lora_b)
+    x = torch.randn(5, 12)
+    ours(x)
+    ref(x)
+    calls = _count_group_calls(monkeypatch)
+    torch.testing.assert_close(ours(x), ref(x))
+    assert calls[0] == 0
+
+
 def test_a_member_switched_off_leaves_the_group_and_rejoins(monkeypatch):
     ref = _peft_block()
     ours = copy.deepcopy(ref)
