@@ -12,6 +12,9 @@ MKL through PyTorch; the backends without a DoRA module of their own run it), ``
 kernels with DoRA's column-scale flags) and ``dora_native`` (dora_torch with the native one-pass reduction for the
 magnitude gradient). ``load_dora_backend(name)`` imports one.
 
+``lora_group`` computes layers that read the same X (a block's q/k/v) as one group from BLAS products, for the
+BLAS-based backends (``torch``, ``native``; with dropout through the native group ops).
+
 ``dropout_mask`` defines the dropout mask all of them regenerate. ``load_backend(name)`` imports a backend
 module; ``backend_status()`` tells which are usable here and why one is not.
 """
