@@ -7,6 +7,7 @@ copy), S = drop(X) A^T (M x r) and the dropout seed: never a dropped copy of X, 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,10 +54,9 @@ def base_weight_grad(x2d: Tensor, dy2d: Tensor, weight_is_kn: bool) -> Tensor:
     return x2d.t() @ dy2d if weight_is_kn else dy2d.t() @ x2d
 
 
-def autocast_operands(
-    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor | None] | None:
-    """The operands cast to the autocast dtype, as autocast would for PEFT's separate F.linear calls.
+def autocast_operands(x: Tensor, *operands: Tensor | None) -> tuple[Tensor | None, ...] | None:
+    """``(x, *operands)`` cast to the autocast dtype (None stays None), as autocast would for PEFT's separate
+    F.linear calls; e.g. ``(x, weight, bias, lora_a, lora_b, lora_bias)``.
 
     None when autocast is off for ``x``'s device. The caller then runs with autocast disabled.
     """
@@ -64,7 +64,7 @@ def autocast_operands(
     if not torch.is_autocast_enabled(device_type):
         return None
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None else None for t in (x, weight, bias, lora_a, lora_b, lora_bias))
+    return tuple(t.to(dtype) if t is not None else None for t in (x, *operands))
 
 
 def run_on_rows(
@@ -251,19 +251,13 @@ def lora_linear_group(
         seeds = [new_dropout_seed() if dropout_p > 0.0 else 0 for _ in members]
     if len(seeds) != len(members):
         raise ValueError(f"seeds needs one entry per member ({len(members)}), got {len(seeds)}")
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        with torch.autocast(x.device.type, enabled=False):
-            return lora_linear_group(
-                x.to(dtype),
-                [m._replace(**{f: t.to(dtype) for f, t in zip(m._fields[:5], m[:5]) if t is not None})
-                 for m in members],
-                dropout_p=dropout_p, seeds=seeds, backend=backend,
-            )
-    flat = [t for m in members for t in m[:5]]
-    ys = GatedLoRAGroupFunction.apply(
-        x.reshape(-1, x.shape[-1]), tuple(float(m.scaling) for m in members),
-        tuple(bool(m.weight_is_kn) for m in members), float(dropout_p), tuple(int(seed) for seed in seeds),
-        resolve_backend(backend, x.device), *flat,
-    )
+    operands = (x, *(t for m in members for t in m[:5]))
+    cast = autocast_operands(*operands)
+    with torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext():
+        x_cast, *flat = cast or operands
+        ys = GatedLoRAGroupFunction.apply(
+            x_cast.reshape(-1, x.shape[-1]), tuple(float(m.scaling) for m in members),
+            tuple(bool(m.weight_is_kn) for m in members), float(dropout_p), tuple(int(seed) for seed in seeds),
+            resolve_backend(backend, x.device), *flat,
+        )
     return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)
