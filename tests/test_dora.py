@@ -154,6 +154,20 @@ def test_row_norm_of_a_conv1d_or_half_precision_weight_with_fp32_adapters(norm_b
     assert relative_error(norm, exact) < 1e-6
 
 
+@pytest.mark.parametrize("layout", ["strided", "float64", "rank-256", "one-column"])
+def test_row_norm_of_strided_float64_high_rank_and_single_column_weights(norm_backend, layout):
+    """The native op's streaming pass reads W in its storage order: every other column of a wider W (neither
+    layout: copied first), fp64 W (read as fp32, as the BLAS expansion did), r 256, N = 1 and K below one chunk."""
+    g = torch.Generator().manual_seed(7)
+    n, k, r = (1, 19, 3) if layout == "one-column" else (70, 133, 256 if layout == "rank-256" else 6)
+    wide = torch.randn(n, 2 * k, generator=g, dtype=torch.float64 if layout == "float64" else torch.float32)
+    w_nk = wide[:, ::2] if layout == "strided" else wide[:, :k].contiguous()
+    a, b, lb = torch.randn(r, k, generator=g) * 0.05, torch.randn(n, r, generator=g) * 0.5, torch.randn(n, generator=g)
+    norm = norm_backend.dora_row_norm(w_nk, a, b, lb, scaling=1.1, weight_is_kn=False)
+    exact = torch.linalg.norm(w_nk.double() + 1.1 * (b.double() @ a.double() + lb.double()[:, None]), dim=1)
+    assert relative_error(norm, exact) < 1e-6
+
+
 def test_row_norm_of_a_fresh_adapter_is_the_weight_norm_bit_for_bit(norm_backend):
     check_fresh_adapter_norm_is_exact(norm_backend.dora_row_norm,
                                       dora_inputs(4, 77, 33, 8, torch.float32, lora_bias=True))
