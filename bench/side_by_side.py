@@ -12,6 +12,7 @@ that ``a`` and ``b`` give the same loss and gradients on one step (after a forwa
 
     python -m bench.side_by_side                      # small preset, dropout 0.05, 16 rounds
     python -m bench.side_by_side --lora-dropout 0 --rounds 20
+    python -m bench.side_by_side --dora --lora-dropout 0
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dora", action="store_true", help="DoRA adapters (use_dora=True) instead of LoRA")
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    base = add_lora(build_model(preset, torch.device("cpu"), torch.float32, args.seed), args.rank, args.lora_dropout)
+    base = add_lora(build_model(preset, torch.device("cpu"), torch.float32, args.seed), args.rank, args.lora_dropout,
+                    dora=args.dora)
     runners = {"a": _patched_runner(base, args.seed, **PATCH_A), "b": _patched_runner(base, args.seed, **PATCH_B),
                "floor": Runner("floor", base, 1, "auto", args.seed)}
     generator = torch.Generator().manual_seed(args.seed)
@@ -80,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             runner.train_step(batch)
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    print(f"a = {PATCH_A}, b = {PATCH_B}; {args.preset}, dropout {args.lora_dropout}, {args.rounds} rounds")
+    adapter = "DoRA" if args.dora else "LoRA"
+    print(f"a = {PATCH_A}, b = {PATCH_B}; {args.preset}, {adapter}, dropout {args.lora_dropout}, {args.rounds} rounds")
     for name, median in medians.items():
         print(f"{name:6s} median step {median:.4f} s   / floor {median / medians['floor']:.3f}")
     return 0

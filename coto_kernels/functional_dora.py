@@ -10,17 +10,32 @@ The row norm comes from ``dora_row_norm`` (no N x K temporary, ||W||^2 cached) a
 stored (before any autocast cast), in fp32. Saved for backward: X, S = drop(X) A^T (M x r), the norm (N), and for
 the magnitude gradient the output Y (no dropout) or Z = drop(X) W^T + s(S B^T + lora_bias) (dropout); never a
 mask, a dropped copy of X or an N x K matrix.
+
+``dora_linear_group`` computes several DoRA layers that read the same input (q/k/v, gate/up) together, without
+dropout (``coto_kernels.kernels.dora_group``); ``patch`` forms such groups itself.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .functional import autocast_operands, base_weight_grad, new_dropout_seed, resolve_backend
+from .functional import (
+    GROUP_BACKENDS,
+    autocast_operands,
+    base_weight_grad,
+    can_group,
+    new_dropout_seed,
+    resolve_backend,
+)
 from .kernels import load_dora_backend
+from .kernels.dora_group import DoraGroupMember, group_backward, group_forward
 from .kernels.interface import GradRequest, LoraOptions, weight_nk
+from .kernels.lora_group import GroupMember
 
 
 class DoRAFunction(torch.autograd.Function):
@@ -115,3 +130,102 @@ def dora_linear(
                                       backend)
     return DoRAFunction.apply(x, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm, float(scaling),
                               float(dropout_p), seed, weight_is_kn, backend)
+
+
+_GROUP_OPERANDS = 7  # per member after the scalars: weight, bias, lora_a, lora_b, lora_bias, magnitude, norm
+_FIRST_MEMBER_INPUT = 4  # x, scalings, weight_is_kn, backend
+
+
+def _dora_members(flat: Sequence[Tensor | None], scalings: Sequence[float],
+                  weight_is_kn: Sequence[bool]) -> list[DoraGroupMember]:
+    n = _GROUP_OPERANDS
+    return [DoraGroupMember(*flat[n * i: n * i + n], scalings[i], weight_is_kn[i]) for i in range(len(scalings))]
+
+
+class GatedDoRAGroupFunction(torch.autograd.Function):
+    """``dora_linear`` of several gated-on DoRA layers reading one 2-D ``x``, without dropout (math:
+    ``kernels.dora_group``). Inputs after the scalars: each member's (weight, bias, lora_a, lora_b, lora_bias,
+    magnitude, norm), flattened. Saves X, S, the operands and, per member whose magnitude needs a gradient, its output
+    Y or (with a bias) Z; outputs one Y per member, separate tensors."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scalings: tuple[float, ...], weight_is_kn: tuple[bool, ...], backend: str,
+                *flat: Tensor | None):
+        members = _dora_members(flat, scalings, weight_is_kn)
+        needs = _member_needs(ctx.needs_input_grad, len(members))
+        ys, s, zs = group_forward(x, members, save_z=[need[5] for need in needs])
+        saved_outputs = [y if need[5] and z is None else None for y, z, need in zip(ys, zs, needs, strict=True)]
+        ctx.save_for_backward(x, s, *flat, *zs, *saved_outputs)
+        ctx.scalings, ctx.weight_is_kn, ctx.backend = scalings, weight_is_kn, backend
+        ctx.set_materialize_grads(False)  # an unused output's dY stays None: its member gets no gradient
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *dys: Tensor | None):
+        x, s, *rest = ctx.saved_tensors
+        count = len(ctx.scalings)
+        flat, zs, ys = rest[:_GROUP_OPERANDS * count], rest[-2 * count:-count], rest[-count:]
+        members = _dora_members(flat, ctx.scalings, ctx.weight_is_kn)
+        needs = _member_needs(ctx.needs_input_grad, count)
+        dys = [dy if dy is None or dy.is_contiguous() else dy.contiguous() for dy in dys]
+        dx, grads = group_backward(
+            dys, x, [z if z is not None else y for z, y in zip(zs, ys, strict=True)], members, s,
+            need_dx=ctx.needs_input_grad[0], need_lora=[need[2] or need[3] for need in needs],
+            need_bias=[need[1] for need in needs], need_lora_bias=[need[4] for need in needs],
+            need_magnitude=[need[5] for need in needs], from_z=[z is not None for z in zs],
+            scale_dy=load_dora_backend(ctx.backend).scale_dy,
+        )
+        flat_grads: list[Tensor | None] = []
+        for member, need, dy, g in zip(members, needs, dys, grads, strict=True):
+            d_weight = None
+            if need[0] and dy is not None:  # rare (frozen is the norm): Y depends on W through c X W^T
+                scaled_dy = dy * load_dora_backend(ctx.backend).column_scale(member.magnitude, member.norm).to(dy.dtype)
+                d_weight = base_weight_grad(x, scaled_dy, member.weight_is_kn)
+            flat_grads += [d_weight, g.d_bias, g.d_lora_a if need[2] else None, g.d_lora_b if need[3] else None,
+                           g.d_lora_bias, g.d_magnitude, None]
+        return (dx, None, None, None, *flat_grads)
+
+
+def _member_needs(needs_input_grad: tuple[bool, ...], count: int) -> list[tuple[bool, ...]]:
+    first, n = _FIRST_MEMBER_INPUT, _GROUP_OPERANDS
+    return [needs_input_grad[first + n * i: first + n * i + n] for i in range(count)]
+
+
+def dora_linear_group(
+    x: Tensor, members: Sequence[GroupMember], magnitudes: Sequence[Tensor], *, backend: str = "auto",
+) -> tuple[Tensor, ...]:
+    """``dora_linear(x, *member, magnitude, gate=True)`` for every member (no dropout), computed together.
+
+    For DoRA layers that read the same ``x`` (a decoder block's q/k/v or gate/up projections): X is read once for
+    all the members' S = X A_i^T and once for their dA, and dX accumulates into one tensor
+    (``coto_kernels.kernels.dora_group``). Same results as the separate calls up to summation order. ``magnitudes``:
+    each member's PEFT ``lora_magnitude_vector[adapter].weight``. Needs ``can_group(x, members, backend)``.
+    """
+    if len(magnitudes) != len(members):
+        raise ValueError(f"dora_linear_group needs one magnitude per member ({len(members)}), got {len(magnitudes)}")
+    if not can_group(x, members, backend):
+        raise ValueError(
+            f"dora_linear_group needs at least two members, backend one of {GROUP_BACKENDS} (got {backend!r}) and, "
+            "outside autocast, every operand in x's dtype and on its device"
+        )
+    for m, magnitude in zip(members, magnitudes, strict=True):
+        if (x.shape[-1] != m.lora_a.shape[1] or m.lora_b.shape[1] != m.lora_a.shape[0]
+                or magnitude.shape != (m.lora_b.shape[0],)):
+            raise ValueError(f"DoRA shape mismatch: x {tuple(x.shape)}, lora_a {tuple(m.lora_a.shape)}, "
+                             f"lora_b {tuple(m.lora_b.shape)}, magnitude {tuple(magnitude.shape)}")
+    backend = resolve_backend(backend, x.device)
+    kernels = load_dora_backend(backend)
+    norms = [kernels.dora_row_norm(m.weight, m.lora_a, m.lora_b, m.lora_bias, scaling=float(m.scaling),
+                                   weight_is_kn=bool(m.weight_is_kn)) for m in members]
+    operands = (x, *(t for m in members for t in m[:5]))
+    cast = autocast_operands(*operands)
+    x_cast, *cast_flat = cast or operands
+    flat = []
+    for i, (magnitude, norm) in enumerate(zip(magnitudes, norms, strict=True)):
+        flat += [*cast_flat[5 * i: 5 * i + 5], magnitude, norm]
+    with torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext():
+        ys = GatedDoRAGroupFunction.apply(
+            x_cast.reshape(-1, x.shape[-1]), tuple(float(m.scaling) for m in members),
+            tuple(bool(m.weight_is_kn) for m in members), backend, *flat,
+        )
+    return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in ys)

@@ -22,7 +22,7 @@ from peft.tuners.lora import layer as peft_lora_layer
 from torch import nn
 
 from .functional import can_group, lora_linear, lora_linear_group
-from .functional_dora import dora_linear
+from .functional_dora import dora_linear, dora_linear_group
 from .kernels.lora_group import GroupMember
 from .siblings import SiblingInputs
 
@@ -210,11 +210,7 @@ class CoToLinear(CoToLayerMixin, LoraLinear):
         if reason is not None:
             warn_once(self, reason)
             return LoraLinear.forward(self, x, *args, **kwargs)
-        adapter, operands, options = self._fused_operands()
-        if is_dora(self, adapter):
-            if not self.training:  # PEFT's DoRA drops out only in training mode (``module.training``)
-                options["dropout_p"] = 0.0
-            return dora_linear(x, *operands, self.lora_magnitude_vector[adapter].weight, **options)
+        operands, magnitude, options = self._fused_operands()
         siblings: SiblingInputs | None = self.__dict__.get("coto_siblings")
         if siblings is not None and not torch.compiler.is_compiling() and siblings.observe(self, x):
             held = siblings.take(self, x)
@@ -223,41 +219,50 @@ class CoToLinear(CoToLayerMixin, LoraLinear):
             group = siblings.group_led_by(self)
             if group is not None and (output := self._group_forward(x, group, siblings)) is not None:
                 return output
+        if magnitude is not None:
+            return dora_linear(x, *operands, magnitude, **options)
         return lora_linear(x, *operands, **options)
 
-    def _group_member(self) -> tuple[GroupMember, float] | None:
-        """This layer's operands and dropout probability for its leader's ``lora_linear_group`` call, when its own
-        forward would take the fused LoRA path now; else None. Not with forward pre-hooks (or an accelerate hook) on
-        the layer itself: they run before its own call and may change its weights or state, after the leader."""
+    def _group_member(self) -> tuple[GroupMember, torch.Tensor | None, float] | None:
+        """This layer's operands, DoRA magnitude (None for LoRA) and dropout probability for its leader's group
+        call, when its own forward would take the fused path now; else None. Not with forward pre-hooks (or an
+        accelerate hook) on the layer itself: they run before its own call and may change its weights or state,
+        after the leader."""
         if not self.coto_is_on() or self.disable_adapters or static_fallback_reason(self) is not None:
             return None
         if self._forward_pre_hooks or self.__dict__.get("_hf_hook") is not None:
             return None
-        adapter, (weight, bias, lora_a, lora_b, lora_bias), options = self._fused_operands()
-        if is_dora(self, adapter):
-            return None
+        (weight, bias, lora_a, lora_b, lora_bias), magnitude, options = self._fused_operands()
         member = GroupMember(weight, bias, lora_a, lora_b, lora_bias, options["scaling"], options["weight_is_kn"])
-        return member, options["dropout_p"]
+        return member, magnitude, options["dropout_p"]
 
     def _group_forward(
         self, x: torch.Tensor, group: tuple[nn.Module, ...], siblings: SiblingInputs
     ) -> torch.Tensor | None:
-        """Every member's output from one ``lora_linear_group`` call: this layer's returned, the others' held for
-        their own calls on ``x``. None (nothing computed) when a member cannot join this forward."""
+        """Every member's output from one ``lora_linear_group`` (or, all DoRA without dropout, ``dora_linear_group``)
+        call: this layer's returned, the others' held for their own calls on ``x``. None (nothing computed) when a
+        member cannot join this forward."""
         joined = [layer._group_member() if isinstance(layer, CoToLinear) else None for layer in group]
         if any(j is None for j in joined) or any(layer.coto_backend != self.coto_backend for layer in group):
             return None
-        members = [member for member, _ in joined]
-        dropout_p = joined[0][1]
-        if any(p != dropout_p for _, p in joined) or not can_group(x, members, self.coto_backend, dropout_p):
+        members = [member for member, _, _ in joined]
+        magnitudes = [magnitude for _, magnitude, _ in joined]
+        dropout_p = joined[0][2]
+        if any(p != dropout_p for _, _, p in joined) or not can_group(x, members, self.coto_backend, dropout_p):
             return None
-        outputs = lora_linear_group(x, members, dropout_p=dropout_p, backend=self.coto_backend)
+        if all(magnitude is None for magnitude in magnitudes):
+            outputs = lora_linear_group(x, members, dropout_p=dropout_p, backend=self.coto_backend)
+        elif all(magnitude is not None for magnitude in magnitudes) and dropout_p == 0.0:
+            outputs = dora_linear_group(x, members, magnitudes, backend=self.coto_backend)
+        else:  # LoRA and DoRA mixed, or DoRA with dropout (no group form): each layer on its own
+            return None
         for layer, output in zip(group[1:], outputs[1:], strict=True):
             siblings.hold(layer, x, output)
         return outputs[0]
 
-    def _fused_operands(self) -> tuple[str, tuple, dict[str, Any]]:
-        """The active adapter, (weight, bias, lora_a, lora_b, lora_bias) and the scalar options of the fused call.
+    def _fused_operands(self) -> tuple[tuple, torch.Tensor | None, dict[str, Any]]:
+        """(weight, bias, lora_a, lora_b, lora_bias), the DoRA magnitude (None for plain LoRA) and the scalar
+        options of the fused call, for the active adapter.
 
         Only called on layers ``static_fallback_reason`` passed: their parts are plain ``nn.Linear`` / ``Conv1D``
         modules, whose parameters are read from ``_parameters`` (no ``nn.Module.__getattr__`` on the hot path).
@@ -269,13 +274,19 @@ class CoToLinear(CoToLayerMixin, LoraLinear):
         dropout = parts["lora_dropout"][adapter]
         operands = (base["weight"], base.get("bias"), parts["lora_A"][adapter]._parameters["weight"],
                     lora_b["weight"], lora_b.get("bias"))
+        dropout_p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        magnitude = None
+        if is_dora(self, adapter):
+            magnitude = self._modules["lora_magnitude_vector"]._modules[adapter]._parameters["weight"]
+            if not self.training:  # PEFT's DoRA drops out only in training mode (``module.training``)
+                dropout_p = 0.0
         options = dict(
             scaling=self.scaling[adapter],
-            dropout_p=dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0,
+            dropout_p=dropout_p,
             weight_is_kn=isinstance(self._modules["base_layer"], Conv1D),
             backend=self.coto_backend,
         )
-        return adapter, operands, options
+        return operands, magnitude, options
 
     def _compiled_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The traced form: same math, gate as a tensor into opaque custom ops (``coto_kernels.compile``)."""
@@ -285,7 +296,7 @@ class CoToLinear(CoToLayerMixin, LoraLinear):
             return self._compiled_unfused(x, *args, **kwargs)
         from .compile import gated_lora_linear
 
-        _, operands, options = self._fused_operands()
+        operands, _, options = self._fused_operands()
         return gated_lora_linear(x, *operands, gate=self.coto_gate_tensor, **options)
 
 

@@ -188,9 +188,9 @@ def patch(
             (one all-gather that every rank must reach); ``False`` skips that check.
         fuse_siblings: fused layers that read the same input one after another (a block's q/k/v, gate/up; found
             by watching the forward, ``coto_kernels.siblings``) compute their LoRA products on that input together
-            (``lora_linear_group``): with the BLAS backends (``"torch"``, ``"native"``; with dropout ``"native"`` on
-            the CPU), adapters on. Same results up to summation order (the same dropout masks); ``False`` computes
-            every layer on its own.
+            (``lora_linear_group``; DoRA layers without dropout ``dora_linear_group``): with the BLAS backends
+            (``"torch"``, ``"native"``; with dropout ``"native"`` on the CPU), adapters on. Same results up to
+            summation order (the same dropout masks); ``False`` computes every layer on its own.
 
     Returns:
         The ``CoToController``; also stored as ``model.coto_controller``.

@@ -10,11 +10,13 @@ import warnings
 import pytest
 import torch
 from helpers import assert_trainable_grads_match, batch_for, tiny_peft_model
-from reference import assert_matches, gated_lora
+from reference import DORA_GRAD_NAMES, assert_matches, gated_lora, peft_dora
 
 import coto_kernels
 import coto_kernels.functional as functional
+import coto_kernels.functional_dora as functional_dora
 from coto_kernels.functional import can_group, lora_linear, lora_linear_group
+from coto_kernels.functional_dora import dora_linear, dora_linear_group
 from coto_kernels.kernels import backend_available
 from coto_kernels.kernels.lora_group import GroupMember
 from coto_kernels.siblings import SiblingInputs
@@ -452,3 +454,142 @@ def test_grouping_under_activation_checkpointing_matches_peft(use_reentrant, mon
         ours(**batch).loss.backward()
         assert_trainable_grads_match(ours, ref)
     assert calls[0] == 2 * 2 * 2 * 2  # steps 2 and 3, forward and recomputation, 2 blocks x 2 groups
+
+
+# -- DoRA groups ---------------------------------------------------------------------------------------------------
+
+
+def _dora_members(k: int, shapes: list[tuple[int, int]], dtype: torch.dtype, seed: int = 5) -> list[dict]:
+    """``_members`` plus an fp32 magnitude (as PEFT keeps it) each; member 0's has a zero (its dm is recomputed)."""
+    members = _members(k, shapes, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for i, t in enumerate(members):
+        magnitude = torch.rand(t["lora_b"].shape[0], generator=g) + 0.5
+        if i == 0:
+            magnitude[1] = 0.0
+        t["magnitude"] = magnitude.requires_grad_()
+    return members
+
+
+def _dora_group(x, members, backend, kn=()):
+    group = [_group_member(t)._replace(weight_is_kn=i in kn) for i, t in enumerate(members)]
+    return dora_linear_group(x, group, [t["magnitude"] for t in members], backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k,shapes", [(37, 45, [(29, 3), (17, 5), (40, 1)]), (64, 33, [(70, 16), (33, 8)])])
+def test_dora_group_matches_peft_dora_in_float64_forward_and_every_gradient(backend, dtype, m, k, shapes):
+    members = _dora_members(k, shapes, dtype)
+    for t in members[1::2]:  # Conv1D members: W stored [in, out]
+        t["weight"] = t["weight"].detach().t().contiguous()
+    kn = range(1, len(members), 2)
+    x = (torch.randn(m, k) / k**0.25).to(dtype).requires_grad_()
+    ys = _dora_group(x, members, backend, kn=kn)
+    dys = [torch.randn(m, n).to(dtype) for n, _ in shapes]
+    torch.autograd.backward(ys, dys)
+    dx_ref = torch.zeros(m, k, dtype=torch.float64)
+    for i, (y, dy, t) in enumerate(zip(ys, dys, members, strict=True)):
+        operands = {name: t[name] for name in ("weight", "bias", "lora_a", "lora_b", "lora_bias", "magnitude")}
+        ref = peft_dora(x, **operands, scaling=t["scaling"], weight_is_kn=i in kn, dy=dy)
+        assert y.dtype == dtype
+        assert_matches(y, ref["y"], dtype, "y")
+        dx_ref += ref["dx"]
+        for name, grad_name in DORA_GRAD_NAMES.items():
+            if name != "x" and t[name] is not None:
+                assert t[name].grad is not None and t[name].grad.dtype == t[name].dtype, name
+                assert_matches(t[name].grad, ref[grad_name], dtype, name)
+    assert_matches(x.grad, dx_ref, dtype, "dx")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dora_group_equals_the_separate_calls_and_an_unused_output_gets_no_gradient(backend):
+    members = _dora_members(24, [(16, 4), (16, 4), (40, 2)], torch.float32, seed=8)
+    x = torch.randn(2, 11, 24, requires_grad=True)
+    ys = _dora_group(x, members, backend)
+    separate = [dora_linear(x, t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["lora_bias"], t["magnitude"],
+                            scaling=t["scaling"], backend=backend) for t in members]
+    params = [x] + [t[name] for t in members for name in ("lora_a", "lora_b", "magnitude")]
+    for used in ([0, 1, 2], [0, 2]):
+        grads = torch.autograd.grad(sum(ys[i].square().sum() for i in used), params, allow_unused=True,
+                                    retain_graph=True)
+        grads2 = torch.autograd.grad(sum(separate[i].square().sum() for i in used), params, allow_unused=True,
+                                     retain_graph=True)
+        for g, g2 in zip(grads, grads2, strict=True):
+            assert (g is None) == (g2 is None)
+            if g is not None:  # square loss: dA sums terms of either sign, a few ulps apart in another order
+                torch.testing.assert_close(g, g2, rtol=1e-4, atol=1e-5)
+    assert all(g is None for g in grads[4:7])  # member 1's lora_a, lora_b, magnitude: its output unused
+    for y, y2 in zip(ys, separate, strict=True):
+        assert y.shape == y2.shape
+        torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-6)
+
+
+def test_dora_group_under_autocast_matches_separate_calls_and_refuses_bad_input():
+    members = _dora_members(32, [(16, 4), (24, 4)], torch.float32, seed=9)
+    x = torch.randn(10, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ys = _dora_group(x, members, "torch")
+        separate = [dora_linear(x, t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["lora_bias"], t["magnitude"],
+                                scaling=t["scaling"], backend="torch") for t in members]
+    for y, y2 in zip(ys, separate, strict=True):
+        assert y.dtype == y2.dtype == torch.bfloat16
+        torch.testing.assert_close(y, y2, rtol=2e-2, atol=2e-2)
+    group = [_group_member(t) for t in members]
+    with pytest.raises(ValueError, match="one magnitude per member"):
+        dora_linear_group(x, group, [members[0]["magnitude"]], backend="torch")
+    with pytest.raises(ValueError, match="DoRA shape mismatch"):
+        dora_linear_group(x, group, [members[1]["magnitude"], members[0]["magnitude"]], backend="torch")
+    with pytest.raises(ValueError, match="x's dtype"):
+        dora_linear_group(x.double(), group, [t["magnitude"] for t in members], backend="torch")
+
+
+def _count_dora_group_calls(monkeypatch) -> list[int]:
+    calls = [0]
+    apply = functional_dora.GatedDoRAGroupFunction.apply
+
+    def counting(*args):
+        calls[0] += 1
+        return apply(*args)
+
+    monkeypatch.setattr(functional_dora.GatedDoRAGroupFunction, "apply", counting)
+    return calls
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_patched_llama_dora_groups_qkv_and_gate_up_and_matches_peft(backend, monkeypatch):
+    ref = tiny_peft_model("llama", num_layers=2, use_dora=True)
+    ours = copy.deepcopy(ref)
+    _patched(ours, backend=backend)
+    batch = batch_for("llama", batch=2, seq=5)
+    with torch.no_grad():
+        ours(**batch)  # the first forward learns the groups
+    calls = _count_dora_group_calls(monkeypatch)
+    for _ in range(2):
+        ref.zero_grad(set_to_none=True)
+        ours.zero_grad(set_to_none=True)
+        ref_loss, loss = ref(**batch).loss, ours(**batch).loss
+        ref_loss.backward()
+        loss.backward()
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+        assert_trainable_grads_match(ours, ref)
+    assert calls[0] == 2 * 2 * 2  # 2 steps x 2 blocks x (q/k/v, gate/up)
+    assert any("lora_magnitude_vector" in name and p.grad is not None for name, p in ours.named_parameters())
+
+
+def test_dora_with_dropout_groups_in_eval_only(monkeypatch):
+    """DoRA's dropout path has no group form: in training each layer runs alone; eval (no dropout) groups."""
+    ref = tiny_peft_model("llama", num_layers=1, dropout=0.1, use_dora=True)
+    ours = copy.deepcopy(ref)
+    _patched(ours, backend="torch")
+    batch = batch_for("llama", batch=2, seq=5)
+    calls = _count_dora_group_calls(monkeypatch)
+    for _ in range(2):
+        ours(**batch).loss.backward()
+    assert calls[0] == 0
+    ours.eval()
+    ref.eval()
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(ours(**batch).logits, ref(**batch).logits, rtol=1e-5, atol=1e-5)
+    assert calls[0] == 2 * 2  # groups learnt in training: both eval forwards x (q/k/v, gate/up)

@@ -3,9 +3,10 @@ ops on the CPU where torch needs several passes or many small ops:
 
 - ``dora_dy``: G = c * dY and the magnitude gradient's sum_rows(dY * Y) (or dY * Z) from one read of dY (torch:
   ``dY * c`` and ``(dY * Y).sum(0)``, two reads of dY and an M x N product written and read back);
-- ``dora_row_norm``: the row norm's guarded expansion (``dora_torch.dora_row_norm``'s math) as one op: its three
-  BLAS products, then the row dots, the guard and the sqrt in one loop, where torch issues ~20 ops (each a Python
-  dispatch of several microseconds, per layer and step) and reads the guard's verdict on the host;
+- ``dora_row_norm``: the row norm's guarded expansion (``dora_torch.dora_row_norm``'s math) as one op: W_j . U_j
+  and ||U_j||^2 (U = BA rebuilt in registers, never stored) from one streaming pass over W, then the guard and the
+  sqrt, where torch issues ~20 ops (three BLAS products, each a pass or more over W or its products, and Python
+  dispatches of several microseconds each, per layer and step);
 - ``keep_mask``: the dropout mask (bit-identical to ``dropout_mask``'s) in one vectorised pass, where torch's
   definition takes about ten elementwise passes over M x K integers (~9x faster at 512 x 512).
 
@@ -29,10 +30,13 @@ from . import dora_torch, lora_native
 from .dora_torch import column_scale, dropout_keep_mask, dropped_input
 from .interface import DoraGrads, GradRequest, LoraOptions, weight_nk
 
-__all__ = ["column_scale", "dora_backward", "dora_forward", "dora_row_norm", "dropout_keep_mask", "dropped_input"]
+__all__ = [
+    "column_scale", "dora_backward", "dora_forward", "dora_row_norm", "dropout_keep_mask", "dropped_input", "scale_dy",
+]
 
 
-def _scale_dy(dy: Tensor, scale: Tensor, saved: Tensor | None) -> tuple[Tensor, Tensor | None]:
+def scale_dy(dy: Tensor, scale: Tensor, saved: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``dora_torch.scale_dy``'s (G = c * dY, sum_rows(dY * saved)) from one ``dora_dy`` pass on the CPU."""
     if dy.device.type == "cpu" and (saved is None or (saved.device == dy.device and saved.dtype == dy.dtype)):
         return lora_native.dora_dy(dy, scale, saved)
     return dora_torch.scale_dy(dy, scale, saved)
@@ -62,7 +66,7 @@ def _keep_mask(seed: int, shape: tuple[int, int], dropout_p: float, device: torc
 dora_forward = functools.partial(dora_torch.dora_forward, keep_mask=_keep_mask)
 
 #: ``dora_torch.dora_backward`` with the one-pass G / magnitude-gradient reduction and dropout mask.
-_torch_formulation_backward = functools.partial(dora_torch.dora_backward, scale_dy=_scale_dy, keep_mask=_keep_mask)
+_torch_formulation_backward = functools.partial(dora_torch.dora_backward, scale_dy=scale_dy, keep_mask=_keep_mask)
 
 
 def dora_backward(
@@ -76,7 +80,7 @@ def dora_backward(
     if options.has_dropout or dy.device.type != "cpu" or (need_magnitude and saved is None):
         return _torch_formulation_backward(dy, x, y, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm, s,
                                            z_saved, options=options, need=need, need_magnitude=need_magnitude)
-    g, dots = _scale_dy(dy, column_scale(magnitude, norm), saved if need_magnitude else None)
+    g, dots = scale_dy(dy, column_scale(magnitude, norm), saved if need_magnitude else None)
     lora = lora_native.lora_backward(g, x, weight, lora_a, lora_b, s, options=options,
                                      need=dataclasses.replace(need, dbias=False))
     d_bias = dy.sum(0) if need.dbias else None

@@ -50,8 +50,8 @@ from .interface import DoraGrads, GradRequest, LoraOptions, weight_nk
 
 __all__ = [
     "CANCELLATION_GUARD", "augmented_factors", "clear_weight_norm_cache", "column_scale", "dora_backward",
-    "dora_forward", "dora_row_norm", "dropout_keep_mask", "dropped_input", "magnitude_grad", "magnitude_grad_from_dots",
-    "recompute_silent_columns_", "scale_dy", "times_transposed_fp32",
+    "dora_forward", "forward_from_down", "dora_row_norm", "dropout_keep_mask", "dropped_input", "magnitude_grad",
+    "magnitude_grad_from_dots", "recompute_silent_columns_", "scale_dy", "times_transposed_fp32",
     "weight_row_norms_squared",
 ]
 
@@ -189,6 +189,22 @@ def _forward_on_base_output(
     return y, s, z if save_z else None
 
 
+def forward_from_down(
+    x: Tensor, w: Tensor, bias: Tensor | None, s: Tensor, lora_b: Tensor, lora_bias: Tensor | None, scale: Tensor,
+    scaling: float, save_z: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``(Y, Z or None)`` without dropout, given S = X A^T and W as [N, K]: one base GEMM, the low-rank term added
+    in place, the column scale c; Z is returned (when ``save_z``) only where dm cannot come from Y (a bias)."""
+    if bias is not None and x.dtype in _FULL_PRECISION:
+        y, _, z = _forward_on_base_output(x, w, bias, s, lora_b, lora_bias, scale, scaling, save_z)
+        return y, z
+    z = _add_low_rank(F.linear(x, w), s, lora_b, lora_bias, scaling)
+    if bias is None:  # Y = c * Z in place; dm comes from the saved output
+        return z.mul_(scale.to(z.dtype)), None
+    # with a bias, Y - bias would cancel (a half-precision Y loses dm's digits): keep Z instead
+    return torch.addcmul(bias, z, scale.to(z.dtype)), z if save_z else None
+
+
 def dora_forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, lora_bias: Tensor | None,
     magnitude: Tensor, norm: Tensor, *, options: LoraOptions, save_z: bool, keep_mask: KeepMask = dropout_keep_mask,
@@ -200,13 +216,8 @@ def dora_forward(
     keep = _keep(x, options, keep_mask)
     if keep is None:
         s = x.to(lora_a.dtype) @ lora_a.t()
-        if bias is not None and x.dtype in _FULL_PRECISION:
-            return _forward_on_base_output(x, w, bias, s, lora_b, lora_bias, scale, options.scaling, save_z)
-        z = _add_low_rank(F.linear(x, w), s, lora_b, lora_bias, options.scaling)
-        if bias is None:  # Y = c * Z in place; dm comes from the saved output
-            return z.mul_(scale.to(z.dtype)), s, None
-        # with a bias, Y - bias would cancel (a half-precision Y loses dm's digits): keep Z instead
-        return torch.addcmul(bias, z, scale.to(z.dtype)), s, z if save_z else None
+        y, z = forward_from_down(x, w, bias, s, lora_b, lora_bias, scale, options.scaling, save_z)
+        return y, s, z
     inv_keep = 1.0 / (1.0 - options.dropout_p)
     masked = _masked(x, keep, x.dtype)
     s = (masked.to(lora_a.dtype) @ lora_a.t()).mul_(inv_keep)
