@@ -447,8 +447,9 @@ std::tuple<Tensor, Tensor> dora_dy_cpu(const Tensor& dy_in, const Tensor& c_in, 
 // (r x K, cache-resident) and B, and takes its dots with W there; W is read once and nothing of U is stored.
 // Not BLAS: on a W the training step has evicted from the caches, MKL's skinny W A'^T alone takes 2-3.5x a plain
 // read of W and runs at ~18 GFLOP/s per core here, and the expansion then needs two more products and a loop. This
-// pass (2 threads, caches flushed, interleaved with the BLAS expansion): 667 against 1231 us at 512 x 512, 1007
-// against 1683 at 1376 x 512, 13.4 against 16.0 ms at 4096 x 4096 (r 16; W A'^T alone 15.3 ms there).
+// pass (2 threads, caches flushed, interleaved with the BLAS expansion): 764 against 1402 us at 512 x 512, 1036
+// against 1637 at 1376 x 512, 9.1 against 14.9 ms at 4096 x 4096 (r 16; W A'^T alone 13.9 ms there); on a hot W
+// 83 GFLOP/s at 512 x 512.
 constexpr int64_t kUpdateChunk = 32;  // columns of U per block in the [K, N] (Conv1D) pass
 
 // Eight floats as one value: GCC keeps them in a register (an AVX2 ymm in the x86-64-v3 clone, two SSE registers in
@@ -475,13 +476,16 @@ COTO_INLINE float sum8(Float8 v) {
 // (W_j . U_j, ||U_j||^2) for kRows consecutive rows j of a row-major W (row stride K), U_j = lb_j + B_j A, built
 // 16 columns at a time: kRows x 2 Float8 of U in registers, each load of A feeding kRows FMAs; at kRows = 4 that
 // is eight independent FMA chains, enough to cover the FMA latency (one row alone leaves the units half idle).
+constexpr int64_t kPrefetchAhead = 64;  // elements of W (four cache lines) requested ahead of each row's dots
 template <typename T, int kRows>
-COTO_INLINE void rows_update_dots(const T* __restrict__ w, const float* __restrict__ a, int64_t K,
-                                  const float* __restrict__ b, int64_t r, const float* __restrict__ lb,
+COTO_INLINE void rows_update_dots(const T* __restrict__ w, int64_t w_elements, const float* __restrict__ a,
+                                  int64_t K, const float* __restrict__ b, int64_t r, const float* __restrict__ lb,
                                   float* __restrict__ cross_out, float* __restrict__ update_out) {
   Float8 cross[kRows][2] = {}, update[kRows][2] = {};
   int64_t k0 = 0;
   for (; k0 + 16 <= K; k0 += 16) {
+    for (int row = 0; row < kRows; ++row)  // the next rows' heads too, within the elements this thread reads
+      __builtin_prefetch(w + std::min(row * K + k0 + kPrefetchAhead, w_elements - 1), 0, 0);
     Float8 u[kRows][2];
     for (int row = 0; row < kRows; ++row) u[row][0] = u[row][1] = Float8{} + lb[row];
     for (int64_t i = 0; i < r; ++i) {
@@ -520,11 +524,11 @@ COTO_CLONES void row_range_update_dots(const T* __restrict__ w, int64_t begin, i
   const float no_bias[4] = {};
   int64_t j = begin;
   for (; j + 4 <= end; j += 4)
-    rows_update_dots<T, 4>(w + j * K, a, K, b + j * r, r, lb == nullptr ? no_bias : lb + j, cross_out + j,
-                           update_out + j);
+    rows_update_dots<T, 4>(w + j * K, (end - j) * K, a, K, b + j * r, r, lb == nullptr ? no_bias : lb + j,
+                           cross_out + j, update_out + j);
   for (; j < end; ++j)
-    rows_update_dots<T, 1>(w + j * K, a, K, b + j * r, r, lb == nullptr ? no_bias : lb + j, cross_out + j,
-                           update_out + j);
+    rows_update_dots<T, 1>(w + j * K, (end - j) * K, a, K, b + j * r, r, lb == nullptr ? no_bias : lb + j,
+                           cross_out + j, update_out + j);
 }
 
 // The same for up to kUpdateChunk columns j0.. of a W stored [K, N] (GPT-2's Conv1D): U's columns are built a row
