@@ -505,11 +505,12 @@ def test_dora_group_matches_peft_dora_in_float64_forward_and_every_gradient(back
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dora_group_equals_the_separate_calls_and_an_unused_output_gets_no_gradient(backend):
     members = _dora_members(24, [(16, 4), (16, 4), (40, 2)], torch.float32, seed=8)
+    members[2]["weight"].requires_grad_()  # an unfrozen base weight: dW = (c dY)^T X
     x = torch.randn(2, 11, 24, requires_grad=True)
     ys = _dora_group(x, members, backend)
     separate = [dora_linear(x, t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["lora_bias"], t["magnitude"],
                             scaling=t["scaling"], backend=backend) for t in members]
-    params = [x] + [t[name] for t in members for name in ("lora_a", "lora_b", "magnitude")]
+    params = [x] + [t[name] for t in members for name in ("lora_a", "lora_b", "magnitude")] + [members[2]["weight"]]
     for used in ([0, 1, 2], [0, 2]):
         grads = torch.autograd.grad(sum(ys[i].square().sum() for i in used), params, allow_unused=True,
                                     retain_graph=True)
