@@ -168,18 +168,19 @@ class GatedDoRAGroupFunction(torch.autograd.Function):
         members = _dora_members(flat, ctx.scalings, ctx.weight_is_kn)
         needs = _member_needs(ctx.needs_input_grad, count)
         dys = [dy if dy is None or dy.is_contiguous() else dy.contiguous() for dy in dys]
+        kernels = load_dora_backend(ctx.backend)
         dx, grads = group_backward(
             dys, x, [z if z is not None else y for z, y in zip(zs, ys, strict=True)], members, s,
             need_dx=ctx.needs_input_grad[0], need_lora=[need[2] or need[3] for need in needs],
             need_bias=[need[1] for need in needs], need_lora_bias=[need[4] for need in needs],
             need_magnitude=[need[5] for need in needs], from_z=[z is not None for z in zs],
-            scale_dy=load_dora_backend(ctx.backend).scale_dy,
+            scale_dy=kernels.scale_dy,
         )
         flat_grads: list[Tensor | None] = []
         for member, need, dy, g in zip(members, needs, dys, grads, strict=True):
             d_weight = None
             if need[0] and dy is not None:  # rare (frozen is the norm): Y depends on W through c X W^T
-                scaled_dy = dy * load_dora_backend(ctx.backend).column_scale(member.magnitude, member.norm).to(dy.dtype)
+                scaled_dy = dy * kernels.column_scale(member.magnitude, member.norm).to(dy.dtype)
                 d_weight = base_weight_grad(x, scaled_dy, member.weight_is_kn)
             flat_grads += [d_weight, g.d_bias, g.d_lora_a if need[2] else None, g.d_lora_b if need[3] else None,
                            g.d_lora_bias, g.d_magnitude, None]
