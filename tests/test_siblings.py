@@ -247,15 +247,16 @@ def test_a_held_output_is_handed_over_once_and_only_for_its_tensor_and_version()
 # -- patch: groups learnt from the forward ------------------------------------------------------------------------
 
 
-def _count_group_calls(monkeypatch) -> list[int]:
+def _count_group_calls(monkeypatch, function: type = functional.GatedLoRAGroupFunction) -> list[int]:
+    """A counter of ``function.apply`` calls (the group Functions: one call computes a whole group)."""
     calls = [0]
-    apply = functional.GatedLoRAGroupFunction.apply
+    apply = function.apply
 
     def counting(*args):
         calls[0] += 1
         return apply(*args)
 
-    monkeypatch.setattr(functional.GatedLoRAGroupFunction, "apply", counting)
+    monkeypatch.setattr(function, "apply", counting)
     return calls
 
 
@@ -545,18 +546,6 @@ def test_dora_group_under_autocast_matches_separate_calls_and_refuses_bad_input(
         dora_linear_group(x.double(), group, [t["magnitude"] for t in members], backend="torch")
 
 
-def _count_dora_group_calls(monkeypatch) -> list[int]:
-    calls = [0]
-    apply = functional_dora.GatedDoRAGroupFunction.apply
-
-    def counting(*args):
-        calls[0] += 1
-        return apply(*args)
-
-    monkeypatch.setattr(functional_dora.GatedDoRAGroupFunction, "apply", counting)
-    return calls
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_patched_llama_dora_groups_qkv_and_gate_up_and_matches_peft(backend, monkeypatch):
     ref = tiny_peft_model("llama", num_layers=2, use_dora=True)
@@ -565,7 +554,7 @@ def test_patched_llama_dora_groups_qkv_and_gate_up_and_matches_peft(backend, mon
     batch = batch_for("llama", batch=2, seq=5)
     with torch.no_grad():
         ours(**batch)  # the first forward learns the groups
-    calls = _count_dora_group_calls(monkeypatch)
+    calls = _count_group_calls(monkeypatch, functional_dora.GatedDoRAGroupFunction)
     for _ in range(2):
         ref.zero_grad(set_to_none=True)
         ours.zero_grad(set_to_none=True)
@@ -584,7 +573,7 @@ def test_dora_with_dropout_groups_in_eval_only(monkeypatch):
     ours = copy.deepcopy(ref)
     _patched(ours, backend="torch")
     batch = batch_for("llama", batch=2, seq=5)
-    calls = _count_dora_group_calls(monkeypatch)
+    calls = _count_group_calls(monkeypatch, functional_dora.GatedDoRAGroupFunction)
     for _ in range(2):
         ours(**batch).loss.backward()
     assert calls[0] == 0
