@@ -267,15 +267,17 @@ def _patched(model, **options):
     return controller
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_patched_llama_groups_qkv_and_gate_up_and_matches_peft(backend, monkeypatch):
-    ref = tiny_peft_model("llama", num_layers=2)
+def test_patched_llama_groups_qkv_and_gate_up_and_matches_peft(backend, dora, monkeypatch):
+    ref = tiny_peft_model("llama", num_layers=2, use_dora=dora)
     ours = copy.deepcopy(ref)
     _patched(ours, backend=backend)
     batch = batch_for("llama", batch=2, seq=5)
     with torch.no_grad():
         ours(**batch)  # the first forward learns the groups
-    calls = _count_group_calls(monkeypatch)
+    calls = _count_group_calls(
+        monkeypatch, functional_dora.GatedDoRAGroupFunction if dora else functional.GatedLoRAGroupFunction)
     for _ in range(2):  # grouped forwards and backwards agree with PEFT's separate layers
         ref.zero_grad(set_to_none=True)
         ours.zero_grad(set_to_none=True)
@@ -285,6 +287,8 @@ def test_patched_llama_groups_qkv_and_gate_up_and_matches_peft(backend, monkeypa
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
         assert_trainable_grads_match(ours, ref)
     assert calls[0] == 2 * 2 * 2  # 2 steps x 2 blocks x (q/k/v, gate/up)
+    if dora:
+        assert any("lora_magnitude_vector" in name and p.grad is not None for name, p in ours.named_parameters())
     siblings = ours.__dict__["coto_siblings"]
     block = ours.base_model.model.model.layers[0]
     attention, mlp = block.self_attn, block.mlp
@@ -544,27 +548,6 @@ def test_dora_group_under_autocast_matches_separate_calls_and_refuses_bad_input(
         dora_linear_group(x, group, [members[1]["magnitude"], members[0]["magnitude"]], backend="torch")
     with pytest.raises(ValueError, match="x's dtype"):
         dora_linear_group(x.double(), group, [t["magnitude"] for t in members], backend="torch")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_patched_llama_dora_groups_qkv_and_gate_up_and_matches_peft(backend, monkeypatch):
-    ref = tiny_peft_model("llama", num_layers=2, use_dora=True)
-    ours = copy.deepcopy(ref)
-    _patched(ours, backend=backend)
-    batch = batch_for("llama", batch=2, seq=5)
-    with torch.no_grad():
-        ours(**batch)  # the first forward learns the groups
-    calls = _count_group_calls(monkeypatch, functional_dora.GatedDoRAGroupFunction)
-    for _ in range(2):
-        ref.zero_grad(set_to_none=True)
-        ours.zero_grad(set_to_none=True)
-        ref_loss, loss = ref(**batch).loss, ours(**batch).loss
-        ref_loss.backward()
-        loss.backward()
-        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-        assert_trainable_grads_match(ours, ref)
-    assert calls[0] == 2 * 2 * 2  # 2 steps x 2 blocks x (q/k/v, gate/up)
-    assert any("lora_magnitude_vector" in name and p.grad is not None for name, p in ours.named_parameters())
 
 
 def test_dora_with_dropout_groups_in_eval_only(monkeypatch):
