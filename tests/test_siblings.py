@@ -443,14 +443,16 @@ def test_patched_llama_with_dropout_groups_and_equals_the_ungrouped_model(monkey
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
-def test_grouping_under_activation_checkpointing_matches_peft(use_reentrant, monkeypatch):
-    ref = tiny_peft_model("llama", num_layers=2)
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_grouping_under_activation_checkpointing_matches_peft(use_reentrant, dora, monkeypatch):
+    ref = tiny_peft_model("llama", num_layers=2, use_dora=dora)
     ours = copy.deepcopy(ref)
     for model in (ref, ours):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=use_reentrant))
         model.train()
     _patched(ours, backend="torch")
-    calls = _count_group_calls(monkeypatch)
+    calls = _count_group_calls(
+        monkeypatch, functional_dora.GatedDoRAGroupFunction if dora else functional.GatedLoRAGroupFunction)
     batch = batch_for("llama", batch=2, seq=5)
     for _ in range(3):  # the first step learns the groups; its recomputation must still run ungrouped
         ref.zero_grad(set_to_none=True)
