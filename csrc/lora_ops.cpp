@@ -456,12 +456,13 @@ constexpr int64_t kUpdateChunk = 32;  // columns of U per block in the [K, N] (C
 // the baseline one), so the row kernel's accumulators below are registers by construction, not arrays the
 // vectoriser may or may not promote.
 typedef float Float8 __attribute__((vector_size(32)));
-typedef float Float8Unaligned __attribute__((vector_size(32), aligned(4)));
 
 template <typename T>
 COTO_INLINE Float8 load8(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
-    return *reinterpret_cast<const Float8Unaligned*>(p);
+    Float8 v;
+    __builtin_memcpy(&v, p, sizeof(v));  // an unaligned vector load, without type punning
+    return v;
   } else {
     Float8 v;
     for (int e = 0; e < 8; ++e) v[e] = static_cast<float>(p[e]);
