@@ -187,8 +187,7 @@ class GatedLoRAGroupFunction(torch.autograd.Function):
     def backward(ctx, *dys: Tensor | None):
         x, s, *flat = ctx.saved_tensors
         members = _group_members(flat, ctx.scalings, ctx.weight_is_kn)
-        first = 6  # inputs before the flattened members
-        needs = [ctx.needs_input_grad[first + 5 * i: first + 5 * i + 5] for i in range(len(members))]
+        needs = per_member(ctx.needs_input_grad, len(members), 5, first=6)  # 6 inputs before the members'
         dys = [dy if dy is None or dy.is_contiguous() else dy.contiguous() for dy in dys]
         dx, grads = group_backward(
             dys, x, members, s, need_dx=ctx.needs_input_grad[0],
@@ -204,9 +203,16 @@ class GatedLoRAGroupFunction(torch.autograd.Function):
         return (dx, None, None, None, None, None, *flat_grads)
 
 
+def per_member(values: Sequence[Any], count: int, size: int, first: int = 0) -> list[tuple[Any, ...]]:
+    """``values[first:]`` cut into ``count`` consecutive slices of ``size``: a group Function's flattened inputs
+    (or their ``needs_input_grad``), member by member."""
+    return [tuple(values[first + size * i: first + size * (i + 1)]) for i in range(count)]
+
+
 def _group_members(flat: Sequence[Tensor | None], scalings: Sequence[float],
                    weight_is_kn: Sequence[bool]) -> list[GroupMember]:
-    return [GroupMember(*flat[5 * i: 5 * i + 5], scalings[i], weight_is_kn[i]) for i in range(len(scalings))]
+    return [GroupMember(*operands, scalings[i], weight_is_kn[i])
+            for i, operands in enumerate(per_member(flat, len(scalings), 5))]
 
 
 def can_group(x: Tensor, members: Sequence[GroupMember], backend: str, dropout_p: float = 0.0) -> bool:

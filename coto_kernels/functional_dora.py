@@ -30,6 +30,7 @@ from .functional import (
     base_weight_grad,
     can_group,
     new_dropout_seed,
+    per_member,
     resolve_backend,
 )
 from .kernels import load_dora_backend
@@ -138,8 +139,8 @@ _FIRST_MEMBER_INPUT = 4  # x, scalings, weight_is_kn, backend
 
 def _dora_members(flat: Sequence[Tensor | None], scalings: Sequence[float],
                   weight_is_kn: Sequence[bool]) -> list[DoraGroupMember]:
-    n = _GROUP_OPERANDS
-    return [DoraGroupMember(*flat[n * i: n * i + n], scalings[i], weight_is_kn[i]) for i in range(len(scalings))]
+    return [DoraGroupMember(*operands, scalings[i], weight_is_kn[i])
+            for i, operands in enumerate(per_member(flat, len(scalings), _GROUP_OPERANDS))]
 
 
 class GatedDoRAGroupFunction(torch.autograd.Function):
@@ -152,7 +153,7 @@ class GatedDoRAGroupFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, scalings: tuple[float, ...], weight_is_kn: tuple[bool, ...], backend: str,
                 *flat: Tensor | None):
         members = _dora_members(flat, scalings, weight_is_kn)
-        needs = _member_needs(ctx.needs_input_grad, len(members))
+        needs = per_member(ctx.needs_input_grad, len(members), _GROUP_OPERANDS, first=_FIRST_MEMBER_INPUT)
         ys, s, zs = group_forward(x, members, save_z=[need[5] for need in needs])
         saved_outputs = [y if need[5] and z is None else None for y, z, need in zip(ys, zs, needs, strict=True)]
         ctx.save_for_backward(x, s, *flat, *zs, *saved_outputs)
@@ -166,7 +167,7 @@ class GatedDoRAGroupFunction(torch.autograd.Function):
         count = len(ctx.scalings)
         flat, zs, ys = rest[:_GROUP_OPERANDS * count], rest[-2 * count:-count], rest[-count:]
         members = _dora_members(flat, ctx.scalings, ctx.weight_is_kn)
-        needs = _member_needs(ctx.needs_input_grad, count)
+        needs = per_member(ctx.needs_input_grad, count, _GROUP_OPERANDS, first=_FIRST_MEMBER_INPUT)
         dys = [dy if dy is None or dy.is_contiguous() else dy.contiguous() for dy in dys]
         kernels = load_dora_backend(ctx.backend)
         dx, grads = group_backward(
@@ -185,11 +186,6 @@ class GatedDoRAGroupFunction(torch.autograd.Function):
             flat_grads += [d_weight, g.d_bias, g.d_lora_a if need[2] else None, g.d_lora_b if need[3] else None,
                            g.d_lora_bias, g.d_magnitude, None]
         return (dx, None, None, None, *flat_grads)
-
-
-def _member_needs(needs_input_grad: tuple[bool, ...], count: int) -> list[tuple[bool, ...]]:
-    first, n = _FIRST_MEMBER_INPUT, _GROUP_OPERANDS
-    return [needs_input_grad[first + n * i: first + n * i + n] for i in range(count)]
 
 
 def dora_linear_group(
@@ -222,8 +218,8 @@ def dora_linear_group(
     cast = autocast_operands(*operands)
     x_cast, *cast_flat = cast or operands
     flat = []
-    for i, (magnitude, norm) in enumerate(zip(magnitudes, norms, strict=True)):
-        flat += [*cast_flat[5 * i: 5 * i + 5], magnitude, norm]
+    for operands, magnitude, norm in zip(per_member(cast_flat, len(members), 5), magnitudes, norms, strict=True):
+        flat += [*operands, magnitude, norm]
     with torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext():
         ys = GatedDoRAGroupFunction.apply(
             x_cast.reshape(-1, x.shape[-1]), tuple(float(m.scaling) for m in members),
