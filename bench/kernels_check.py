@@ -2,7 +2,7 @@
 
     python bench/kernels_check.py                  # the full grid; reuses docs/kernels_check.json where it matches
     python bench/kernels_check.py --grid quick --targets sm_90   # bf16, r 16, p 0/0.1: ~30 compiles
-    python bench/kernels_check.py --native-only    # only compile csrc/*.cu with nvcc
+    python bench/kernels_check.py --native-only    # only csrc/: *.cu with nvcc, the CUDA binding's C++
 
 How, without hard-coding the kernels:
 
@@ -50,8 +50,11 @@ the issue's setting first (bf16, sm_90), until the budget, and reports the rest 
 (``--targets sm_80,sm_90,sm_100``: ~50% more compiles).
 
 CUDA sources: every ``csrc/*.cu`` is compiled to an object for sm_80 and sm_90 with
-``nvcc -Icsrc -Werror all-warnings -Xptxas -v,-warn-spills,-Werror``; spills and stack frames fail.
-Skipped, with a message, when there is no ``.cu`` file or no nvcc.
+``nvcc -Icsrc -Werror all-warnings -Xptxas -v,-warn-spills,-Werror``; spills and stack frames fail. The CUDA
+ops' torch binding (``csrc/*.cpp`` including c10/cuda) is type-checked by the host compiler with warnings as
+errors, against torch's headers and the toolkit's: a CPU torch suffices (``check_cuda_bindings``), so a mistake in
+it fails CI instead of the GPU machine's build. Skipped, with a message, when there is no source, nvcc or C++
+compiler.
 """
 
 from __future__ import annotations
@@ -933,6 +936,69 @@ def check_native(csrc: Path = REPO / "csrc") -> list[dict]:
     return results
 
 
+def nvcc_include_dirs(nvcc: str) -> list[str]:
+    """The CUDA toolkit's include folders, as nvcc itself passes them to the host compiler (``-v --dryrun``)."""
+    done = subprocess.run([nvcc, "-v", "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True)
+    folders = []
+    for line in done.stderr.splitlines():
+        key, _, value = line.removeprefix("#$ ").partition("=")
+        if key in ("INCLUDES", "SYSTEM_INCLUDES"):
+            words = [word.strip('"') for word in value.split()]
+            folders += [word.removeprefix("-I") for word in words if word and word != "-isystem"]
+    return folders
+
+
+def binding_command(cxx: str, source: Path, include_dirs: list[str]) -> list[str]:
+    """Type-check a torch binding as setup.py compiles it (C++20), warnings as errors in csrc's own code."""
+    system = [flag for folder in include_dirs for flag in ("-isystem", folder)]
+    return [cxx, "-fsyntax-only", "-std=c++20", "-Wall", "-Wextra", "-Werror", *system, f"-I{source.parent}",
+            str(source)]
+
+
+def torch_cuda_include_dirs(folder: Path) -> list[str]:
+    """torch's include folders, plus a stand-in for the one generated header its CPU wheels leave out.
+
+    ``c10/cuda/impl/cuda_cmake_macros.h`` is written by torch's CMake build and ships only with CUDA wheels; its
+    one definition says c10_cuda is a shared library, which is what those wheels build."""
+    from torch.utils.cpp_extension import include_paths
+
+    dirs = list(include_paths())
+    if not any((Path(d) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for d in dirs):
+        stub = folder / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        dirs.insert(0, str(folder))
+    return dirs
+
+
+def check_cuda_bindings(csrc: Path = REPO / "csrc") -> list[dict]:
+    """Type-check every ``csrc/*.cpp`` that includes c10/cuda (the CUDA ops' torch binding) with the host compiler.
+
+    The binding is otherwise compiled only where torch has CUDA (on a lent GPU machine), so a mistake in it would
+    first show there; its host code needs no CUDA torch to be checked: torch's headers, the toolkit's and the
+    stand-in of ``torch_cuda_include_dirs``."""
+    sources = [path for path in sorted(csrc.glob("*.cpp")) if "<c10/cuda/" in path.read_text()]
+    nvcc, cxx = shutil.which("nvcc"), shutil.which(os.environ.get("CXX", "c++"))
+    if not sources or nvcc is None or cxx is None:
+        print("native: no CUDA binding, nvcc or C++ compiler: binding check skipped")
+        return []
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        include_dirs = torch_cuda_include_dirs(Path(folder)) + nvcc_include_dirs(nvcc)
+        for source in sources:
+            done = subprocess.run(binding_command(cxx, source, include_dirs), capture_output=True, text=True)
+            item: dict[str, Any] = dict(file=str(source.relative_to(REPO)) if source.is_relative_to(REPO)
+                                        else str(source), target="host C++", problems=[])
+            if done.returncode != 0:
+                errors = [line for line in done.stderr.splitlines() if "error" in line]
+                shown = errors[:6] or done.stderr.splitlines()[-5:]
+                item["problems"].append("C++ check failed: " + " | ".join(shown)[:600])
+            print(f"native: {item['file']} (host C++, CUDA binding): {'; '.join(item['problems']) or 'ok'}",
+                  flush=True)
+            results.append(item)
+    return results
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------------------
@@ -1001,12 +1067,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop compiling after this long (progress is kept in OUT.json)")
     parser.add_argument("--require-complete", action="store_true",
                         help="fail when some compile is neither cached nor checked (after --budget-s)")
-    parser.add_argument("--native-only", action="store_true", help="only compile csrc/*.cu")
+    parser.add_argument("--native-only", action="store_true",
+                        help="only check csrc/ (the .cu files and the CUDA binding)")
     parser.add_argument("--dry-run", action="store_true", help="record and count the compiles, compile nothing")
     args = parser.parse_args(argv)
     started = time.monotonic()
     if args.native_only:
-        return 1 if any(item["problems"] for item in check_native()) else 0
+        return 1 if any(item["problems"] for item in check_native() + check_cuda_bindings()) else 0
 
     os.environ.pop("TRITON_INTERPRET", None)  # real JITFunctions, GPU tile configs
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
@@ -1071,7 +1138,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = started + args.budget_s if args.budget_s is not None else None
     unchecked = run_jobs(recheck + todo, args.jobs, on_result, deadline)
     shutil.rmtree(cache_dir, ignore_errors=True)
-    native = check_native()
+    native = check_native() + check_cuda_bindings()
     rows = write_report(args.out, meta, jobs, results, native)
     failing = [row for row in rows if row["problems"]]
     for row in failing:

@@ -278,3 +278,28 @@ def test_committed_report_covers_the_dora_dropout_gemms_on_both_targets():
     assert seen >= {(t, fwd, bias) for t in ("sm_80", "sm_90") for fwd, bias in ((True, False), (True, True),
                                                                                    (False, False))}
     assert all(not (row["spill_stores"] or row["spill_loads"] or row["stack"] or row["stack_frame"]) for row in twins)
+
+
+BINDING = """#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+at::Tensor same(const at::Tensor& x) {
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  (void)stream;
+  return x;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("c++") is None, reason="needs nvcc and c++")
+def test_cuda_binding_check_type_checks_against_torch_and_cuda_headers(tmp_path):
+    """A binding using c10/cuda and cudaStream_t passes on a CPU torch; a type error, or an unused variable
+    (warnings are errors), fails with the compiler's line; a .cpp without c10/cuda is not a binding."""
+    (tmp_path / "good.cpp").write_text(BINDING)
+    (tmp_path / "cpu_only.cpp").write_text("int broken(\n")
+    assert [(item["file"].endswith("good.cpp"), item["problems"]) for item in kc.check_cuda_bindings(tmp_path)] == [
+        (True, [])]
+    (tmp_path / "good.cpp").write_text(BINDING.replace("(void)stream;", "int unused = 0;")
+                                       .replace("return x;", "return stream;"))
+    (problems,) = [item["problems"] for item in kc.check_cuda_bindings(tmp_path)]
+    assert len(problems) == 1 and "good.cpp" in problems[0] and "error" in problems[0]
