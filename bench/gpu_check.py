@@ -61,7 +61,7 @@ if not torch.cuda.is_available():  # --quick: the interpreter must be chosen bef
 
 from coto_kernels.functional import lora_linear  # noqa: E402
 from coto_kernels.functional_dora import dora_linear  # noqa: E402
-from coto_kernels.kernels import KERNEL_BACKENDS, backend_available  # noqa: E402
+from coto_kernels.kernels import KERNEL_BACKENDS, native_cuda_status  # noqa: E402
 
 # (variant, reference, dropout or None for any): bound; at r = 16 and M >= 8192, worst case over the shapes.
 TARGETS = (
@@ -156,7 +156,7 @@ def variants(device: str) -> list[str]:
     names = ["g1", "g0", "torch"]
     if _takes_cublas_below_m():
         names.append("g1c")
-    if "native" in KERNEL_BACKENDS and backend_available("native") and device == "cuda":
+    if "native" in KERNEL_BACKENDS and device == "cuda" and native_cuda_status() is None:
         names.append("native")
     return names
 
@@ -338,7 +338,8 @@ def markdown(meta: dict, parity: dict | None, rows: list[dict], targets: list[di
     out = [f"# gpu_check {meta['date']}", "",
            f"{meta['gpu']}; torch {meta['torch']} (CUDA {meta['cuda']}); triton {meta['triton']}; "
            f"peft {meta['peft']}; transformers {meta['transformers']}" + (" — **quick smoke run, not a measurement**"
-                                                                         if meta["quick"] else ""), ""]
+                                                                         if meta["quick"] else ""), "",
+           f"Native CUDA backend: {meta.get('native_cuda', '-')}.", ""]
     if parity is not None:
         out += ["## Parity (`pytest -m gpu tests/test_gpu_parity.py`)", "",
                 f"{parity['passed']} passed, {parity['failed']} failed, {parity['errors']} errors, "
@@ -383,6 +384,20 @@ def markdown(meta: dict, parity: dict | None, rows: list[dict], targets: list[di
     return "\n".join(out) + "\n"
 
 
+def guard_native_import() -> str | None:
+    """Import the native backend in a child first: a CUDA binding whose registrations do not match the CPU ops'
+    schemas aborts the importing process (kernels-check loads it beside them on the CPU, but with CPU torch's
+    headers). If the child dies, the CUDA kernels stay unloaded here and in every child (their env switch), so the
+    rest of the check still runs; returns what happened, or None when the import is clean."""
+    done = subprocess.run([sys.executable, "-c", "import coto_kernels.kernels.lora_native"], capture_output=True,
+                          text=True, cwd=REPO)
+    if done.returncode >= 0:
+        return None
+    os.environ["COTO_KERNELS_NATIVE_CUDA"] = "0"
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("frame #")]
+    return f"importing the native backend died (signal {-done.returncode}): {' | '.join(lines[:6])[:500]}"
+
+
 def metadata(device: str, quick: bool) -> dict:
     import peft
     import transformers
@@ -412,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         print("no GPU here: only --quick runs on the CPU (under TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
     meta = metadata(device, args.quick)
+    native_import = guard_native_import()
+    meta["native_cuda"] = native_import or native_cuda_status() or "built and loaded"
+    print(f"native CUDA: {meta['native_cuda']}", flush=True)
     print(f"# gpu_check on {meta['gpu']}: torch {meta['torch']}, triton {meta['triton']}, peft {meta['peft']}",
           flush=True)
 

@@ -63,6 +63,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import itertools
@@ -874,7 +875,9 @@ def markdown(meta: dict, rows: list[dict], native: list[dict]) -> str:
                 "|---|---|---|---|---|---|"]
         for item in native:
             out.append(f"| {item['file']} | {item['target']} | {item.get('regs', '-')} | {item.get('stack', '-')} | "
-                       f"{item.get('spills', '-')} | {'; '.join(item['problems']) or 'ok'} |")
+                       f"{item.get('spills', '-')} | {'; '.join(item['problems']) or 'ok'}"
+                       + (f" (loads; CUDA kernels for {', '.join(item['cuda_ops'])})" if "cuda_ops" in item else "")
+                       + " |")
     out += ["", "## Every compile", "",
             "| kernel | target | config | used by | regs | stack | spill st/ld | smem | SASS | loop | /elem | ok |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -948,11 +951,15 @@ def nvcc_include_dirs(nvcc: str) -> list[str]:
     return folders
 
 
-def binding_command(cxx: str, source: Path, include_dirs: list[str]) -> list[str]:
-    """Type-check a torch binding as setup.py compiles it (C++20), warnings as errors in csrc's own code."""
+def binding_command(cxx: str, source: Path, include_dirs: list[str], library: Path) -> list[str]:
+    """Build a torch binding as a shared library as setup.py compiles it (C++20), warnings as errors in csrc's own
+    code; -O0, since only its types and its registrations are checked. Links torch's CPU libraries only."""
+    from torch.utils.cpp_extension import library_paths
+
     system = [flag for folder in include_dirs for flag in ("-isystem", folder)]
-    return [cxx, "-fsyntax-only", "-std=c++20", "-Wall", "-Wextra", "-Werror", *system, f"-I{source.parent}",
-            str(source)]
+    libs = [f"-L{folder}" for folder in library_paths()]
+    return [cxx, "-shared", "-fPIC", "-O0", "-std=c++20", "-Wall", "-Wextra", "-Werror", *system,
+            f"-I{source.parent}", str(source), *libs, "-lc10", "-ltorch_cpu", "-o", str(library)]
 
 
 def torch_cuda_include_dirs(folder: Path) -> list[str]:
@@ -971,30 +978,98 @@ def torch_cuda_include_dirs(folder: Path) -> list[str]:
     return dirs
 
 
+@functools.cache
+def _symbols(nm: str, *args: str) -> frozenset[str]:
+    done = subprocess.run([nm, *args], capture_output=True, text=True, check=True)
+    return frozenset(line.split()[-1] for line in done.stdout.splitlines() if line.split())
+
+
+def stand_in_library(nm: str, cc: str, library: Path, folder: Path) -> Path:
+    """A library defining every symbol ``library`` needs that torch's CPU libraries lack (c10_cuda's, cudart's,
+    the CUDA kernels' C interface), as inert 64-byte objects: enough for the dynamic linker to load it, never called.
+    """
+    from torch.utils.cpp_extension import library_paths
+
+    torch_lib = Path(library_paths()[0])
+    provided = _symbols(nm, "-D", "--defined-only", str(torch_lib / "libc10.so"), str(torch_lib / "libtorch_cpu.so"))
+    undefined = subprocess.run([nm, "-u", str(library)], capture_output=True, text=True, check=True).stdout
+    needed = sorted({words[1] for words in map(str.split, undefined.splitlines())
+                     if len(words) == 2 and words[0] == "U" and "@" not in words[1]} - provided)
+    source = folder / "stand_ins.c"
+    source.write_text("".join(f'char coto_stand_in_{i}[64] __asm__("{name}");\n' for i, name in enumerate(needed)))
+    out = folder / "libstand_ins.so"
+    subprocess.run([cc, "-shared", "-fPIC", str(source), "-o", str(out)], check=True, capture_output=True)
+    return out
+
+
+# Loads the CPU ops (their schemas), then the binding: torch checks each m.impl's C++ signature against its schema
+# while the library loads, and a mismatch aborts the process (an exception in a static initialiser), hence a child.
+_LOAD_PROBE = """
+import ctypes, json, sys, torch
+import coto_kernels.kernels.lora_native
+ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)
+torch.ops.load_library(sys.argv[2])
+ops = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("coto_kernels_native::")]
+print(json.dumps(sorted(op.split("::")[1] for op in ops if torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"))))
+"""
+
+
+def load_cuda_binding(library: Path, stand_ins: Path) -> tuple[list[str] | None, str]:
+    """(the ops the binding gave CUDA kernels, "") when it loads into torch beside the CPU ops, else (None, why)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _LOAD_PROBE, str(stand_ins), str(library)], capture_output=True,
+                          text=True, env=env, cwd=REPO)
+    if done.returncode == 0:
+        return json.loads(done.stdout.splitlines()[-1]), ""
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("frame #")]
+    return None, " | ".join(lines[:8])[:600]
+
+
+def native_cpu_ops_importable() -> bool:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", "import coto_kernels.kernels.lora_native"], capture_output=True,
+                          env=env, cwd=REPO).returncode == 0
+
+
 def check_cuda_bindings(csrc: Path = REPO / "csrc") -> list[dict]:
-    """Type-check every ``csrc/*.cpp`` that includes c10/cuda (the CUDA ops' torch binding) with the host compiler.
+    """Build every ``csrc/*.cpp`` that includes c10/cuda (the CUDA ops' torch binding) and load it into torch.
 
     The binding is otherwise compiled only where torch has CUDA (on a lent GPU machine), so a mistake in it would
-    first show there; its host code needs no CUDA torch to be checked: torch's headers, the toolkit's and the
-    stand-in of ``torch_cuda_include_dirs``."""
+    first show there, where a registration whose C++ signature does not match the op's schema aborts the process
+    that imports coto_kernels. Neither needs a CUDA torch to be found: it is compiled against torch's headers, the
+    toolkit's and the stand-in of ``torch_cuda_include_dirs``, linked against torch's CPU libraries, and loaded
+    (in a child process, after the CPU ops) with the CUDA symbols it needs defined by ``stand_in_library``."""
     sources = [path for path in sorted(csrc.glob("*.cpp")) if "<c10/cuda/" in path.read_text()]
-    nvcc, cxx = shutil.which("nvcc"), shutil.which(os.environ.get("CXX", "c++"))
-    if not sources or nvcc is None or cxx is None:
-        print("native: no CUDA binding, nvcc or C++ compiler: binding check skipped")
+    tools = {name: shutil.which(name) for name in ("nvcc", os.environ.get("CXX", "c++"), "cc", "nm")}
+    if not sources or None in tools.values():
+        print(f"native: CUDA binding check skipped (sources: {len(sources)}; tools: {tools})")
         return []
+    nvcc, cxx, cc, nm = tools.values()
+    loadable = native_cpu_ops_importable()
+    if not loadable:
+        print("native: the CPU ops are not built, so the CUDA binding is compiled but not loaded")
     results = []
-    with tempfile.TemporaryDirectory() as folder:
-        include_dirs = torch_cuda_include_dirs(Path(folder)) + nvcc_include_dirs(nvcc)
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        include_dirs = torch_cuda_include_dirs(folder) + nvcc_include_dirs(nvcc)
         for source in sources:
-            done = subprocess.run(binding_command(cxx, source, include_dirs), capture_output=True, text=True)
+            library = folder / f"{source.stem}.so"
+            done = subprocess.run(binding_command(cxx, source, include_dirs, library), capture_output=True, text=True)
             item: dict[str, Any] = dict(file=str(source.relative_to(REPO)) if source.is_relative_to(REPO)
                                         else str(source), target="host C++", problems=[])
             if done.returncode != 0:
                 errors = [line for line in done.stderr.splitlines() if "error" in line]
                 shown = errors[:6] or done.stderr.splitlines()[-5:]
-                item["problems"].append("C++ check failed: " + " | ".join(shown)[:600])
-            print(f"native: {item['file']} (host C++, CUDA binding): {'; '.join(item['problems']) or 'ok'}",
-                  flush=True)
+                item["problems"].append("C++ build failed: " + " | ".join(shown)[:600])
+            elif loadable:
+                ops, why = load_cuda_binding(library, stand_in_library(nm, cc, library, folder))
+                if ops is None:
+                    item["problems"].append(f"does not load into torch: {why}")
+                else:
+                    item["cuda_ops"] = ops
+            print(f"native: {item['file']} (host C++, CUDA binding): "
+                  f"{'; '.join(item['problems']) or 'ok'}" + (f", CUDA kernels for {item['cuda_ops']}"
+                                                               if "cuda_ops" in item else ""), flush=True)
             results.append(item)
     return results
 

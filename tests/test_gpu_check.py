@@ -70,3 +70,18 @@ def test_targets_take_the_worst_target_shape_and_apply_each_bound():
     dora = table["fused DoRA (gate on) / ours (gate on)", 0.0]  # dropout rows (two base products) not bounded
     assert dora["worst"] == pytest.approx(1.19 / 1.05) and dora["at"] == "M=8192 p=0.0" and dora["verdict"] == "PASS"
     assert all(t["verdict"] == "-" for t in gpu_check.targets_table(rows[:1], quick=False))
+
+
+def test_a_native_import_that_dies_switches_the_cuda_kernels_off(monkeypatch):
+    """A binding whose registrations do not match aborts the importing process; gpu_check sees it in a child and
+    sets the env switch for itself and its children, so the rest of the check runs."""
+    gpu_check = _load_gpu_check()
+    monkeypatch.delenv("COTO_KERNELS_NATIVE_CUDA", raising=False)
+    assert gpu_check.guard_native_import() is None and "COTO_KERNELS_NATIVE_CUDA" not in os.environ
+
+    died = subprocess.CompletedProcess([], -6, "", "terminate called after throwing an instance of 'c10::Error'\n"
+                                       "  what():  \nMismatch in kernel C++ signatures\nframe #0: ...\n")
+    monkeypatch.setattr(gpu_check.subprocess, "run", lambda *args, **kwargs: died)
+    why = gpu_check.guard_native_import()
+    assert "signal 6" in why and "Mismatch in kernel C++ signatures" in why and "frame #" not in why
+    assert os.environ["COTO_KERNELS_NATIVE_CUDA"] == "0"

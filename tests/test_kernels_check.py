@@ -280,26 +280,43 @@ def test_committed_report_covers_the_dora_dropout_gemms_on_both_targets():
     assert all(not (row["spill_stores"] or row["spill_loads"] or row["stack"] or row["stack_frame"]) for row in twins)
 
 
+
 BINDING = """#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-at::Tensor same(const at::Tensor& x) {
+namespace {
+at::Tensor keep_mask_cuda(const at::Tensor& x, int64_t seed, double dropout_p) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   (void)stream;
+  (void)seed;
+  (void)dropout_p;
   return x;
 }
+}  // namespace
+
+TORCH_LIBRARY_IMPL(coto_kernels_native, CUDA, m) { m.impl("keep_mask", &keep_mask_cuda); }
 """
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("c++") is None, reason="needs nvcc and c++")
-def test_cuda_binding_check_type_checks_against_torch_and_cuda_headers(tmp_path):
-    """A binding using c10/cuda and cudaStream_t passes on a CPU torch; a type error, or an unused variable
-    (warnings are errors), fails with the compiler's line; a .cpp without c10/cuda is not a binding."""
-    (tmp_path / "good.cpp").write_text(BINDING)
+@pytest.mark.slow  # three ~10 s C++ builds
+@pytest.mark.skipif(any(shutil.which(tool) is None for tool in ("nvcc", "c++", "cc", "nm")),
+                    reason="needs nvcc, a C/C++ compiler and nm")
+def test_cuda_binding_check_builds_and_loads_the_binding(tmp_path):
+    """A binding using c10/cuda and cudaStream_t builds on a CPU torch and loads beside the CPU ops (CUDA kernel
+    registered); a registration whose C++ signature does not match the op's schema (which aborts the importing
+    process on a GPU machine) and a type error each fail with the reason; a .cpp without c10/cuda is skipped."""
+    pytest.importorskip("coto_kernels.kernels.lora_native", exc_type=ImportError)
     (tmp_path / "cpu_only.cpp").write_text("int broken(\n")
-    assert [(item["file"].endswith("good.cpp"), item["problems"]) for item in kc.check_cuda_bindings(tmp_path)] == [
-        (True, [])]
-    (tmp_path / "good.cpp").write_text(BINDING.replace("(void)stream;", "int unused = 0;")
-                                       .replace("return x;", "return stream;"))
-    (problems,) = [item["problems"] for item in kc.check_cuda_bindings(tmp_path)]
-    assert len(problems) == 1 and "good.cpp" in problems[0] and "error" in problems[0]
+    (tmp_path / "binding.cpp").write_text(BINDING)
+    (good,) = kc.check_cuda_bindings(tmp_path)
+    assert good["file"].endswith("binding.cpp") and good["problems"] == [] and good["cuda_ops"] == ["keep_mask"]
+
+    (tmp_path / "binding.cpp").write_text(BINDING.replace("int64_t seed", "double seed"))
+    (mismatch,) = kc.check_cuda_bindings(tmp_path)
+    assert len(mismatch["problems"]) == 1 and "does not load" in mismatch["problems"][0]
+    assert "Mismatch in kernel C++ signatures" in mismatch["problems"][0]
+
+    (tmp_path / "binding.cpp").write_text(BINDING.replace("return x;", "return stream;"))
+    (type_error,) = kc.check_cuda_bindings(tmp_path)
+    assert len(type_error["problems"]) == 1 and "build failed" in type_error["problems"][0]
+    assert "binding.cpp" in type_error["problems"][0] and "error" in type_error["problems"][0]

@@ -5,6 +5,7 @@ Skipped, with the reason the build recorded, when the extension is not built (``
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -251,3 +252,11 @@ def test_torch_compile_traces_the_native_ops():
 def test_status_command_reports_every_backend():
     out = subprocess.run([sys.executable, "-m", "coto_kernels.kernels"], capture_output=True, text=True, check=True)
     assert "native  available" in out.stdout and "torch   available" in out.stdout
+
+
+def test_env_switch_leaves_the_cuda_kernels_unloaded():
+    """COTO_KERNELS_NATIVE_CUDA=0 (gpu_check's fallback when loading them would abort) says so in the status."""
+    code = "from coto_kernels.kernels import lora_native; print(lora_native.CUDA_STATUS)"
+    env = dict(os.environ, COTO_KERNELS_NATIVE_CUDA="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "disabled by COTO_KERNELS_NATIVE_CUDA=0"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import importlib.machinery
+import os
 from pathlib import Path
 
 import torch
@@ -38,8 +39,8 @@ from .interface import GradRequest, LoraGrads, LoraOptions, gated_off_runs_froze
 from .lora_torch import blas_lora_forward
 
 __all__ = [
-    "CUDA_STATUS", "dora_dy", "dora_row_norm", "dropout_keep_mask", "lora_backward", "lora_down_group",
-    "lora_dx_da_group", "lora_forward",
+    "CUDA_STATUS", "NATIVE_CUDA_ENV", "dora_dy", "dora_row_norm", "dropout_keep_mask", "lora_backward",
+    "lora_down_group", "lora_dx_da_group", "lora_forward",
 ]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -79,8 +80,12 @@ _cpu_problem = _load("_native")
 if _cpu_problem is not None:
     raise ImportError(_cpu_problem)
 
+#: Set to 0 to leave the CUDA kernels unloaded (the CPU ops and the Triton backend are unaffected).
+NATIVE_CUDA_ENV = "COTO_KERNELS_NATIVE_CUDA"
+
 #: None when the CUDA kernels are built and loaded, else why not (the CPU ops work either way).
-CUDA_STATUS: str | None = _load("_native_cuda")
+CUDA_STATUS: str | None = (f"disabled by {NATIVE_CUDA_ENV}=0" if os.environ.get(NATIVE_CUDA_ENV) == "0"
+                           else _load("_native_cuda"))
 
 _ops = torch.ops.coto_kernels_native
 
