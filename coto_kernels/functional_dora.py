@@ -32,6 +32,7 @@ from .functional import (
     new_dropout_seed,
     per_member,
     resolve_backend,
+    run_on_rows,
 )
 from .kernels import load_dora_backend
 from .kernels.dora_group import DoraGroupMember, group_backward, group_forward
@@ -40,7 +41,10 @@ from .kernels.lora_group import GroupMember
 
 
 class DoRAFunction(torch.autograd.Function):
-    """Fused DoRA layer: base GEMM, in-place low-rank add and per-column scale; see the module docstring."""
+    """Fused DoRA layer: base GEMM, in-place low-rank add and per-column scale; see the module docstring.
+
+    Input and output are 2-D: ``dora_linear`` reshapes outside the Function (``run_on_rows``), so the output is
+    no view made inside a custom Function, which autograd would refuse to let anyone change in place."""
 
     @staticmethod
     def forward(
@@ -48,45 +52,39 @@ class DoRAFunction(torch.autograd.Function):
         lora_bias: Tensor | None, magnitude: Tensor, norm: Tensor,
         scaling: float, dropout_p: float, seed: int, weight_is_kn: bool, backend: str,
     ) -> Tensor:
-        x2d = x.reshape(-1, x.shape[-1])
         options = LoraOptions(scaling=scaling, dropout_p=dropout_p, seed=seed, weight_is_kn=weight_is_kn)
         need_magnitude = ctx.needs_input_grad[6]
         y, s, z = load_dora_backend(backend).dora_forward(
-            x2d, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm, options=options,
-            save_z=need_magnitude,
+            x, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm, options=options, save_z=need_magnitude,
         )
-        out = y.view(*x.shape[:-1], y.shape[-1])
-        saved_output = out if need_magnitude and z is None else None
+        saved_output = y if need_magnitude and z is None else None
         ctx.save_for_backward(x, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm, s, z, saved_output)
         ctx.options = options
         ctx.backend = backend
-        return out
+        return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm, s, z, y = ctx.saved_tensors
         options: LoraOptions = ctx.options
         need_x, need_weight, need_bias, need_a, need_b, need_lora_bias, need_magnitude = ctx.needs_input_grad[:7]
-        x2d = x.reshape(-1, x.shape[-1])
-        dy2d = dy.reshape(-1, dy.shape[-1])
-        if not dy2d.is_contiguous():
-            dy2d = dy2d.contiguous()
+        dy = dy if dy.is_contiguous() else dy.contiguous()
         need = GradRequest(dx=need_x, dlora=need_a or need_b, dbias=need_bias, dlora_bias=need_lora_bias)
         kernels = load_dora_backend(ctx.backend)
         grads = kernels.dora_backward(
-            dy2d, x2d, None if y is None else y.reshape(dy2d.shape), weight, bias, lora_a, lora_b, lora_bias,
-            magnitude, norm, s, z, options=options, need=need, need_magnitude=need_magnitude,
+            dy, x, y, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm, s, z, options=options, need=need,
+            need_magnitude=need_magnitude,
         )
         d_weight = None
         if need_weight:  # rare (frozen is the norm): Y depends on W through X W^T and (c - 1) D W^T, or c X W^T
-            scaled_dy = dy2d * kernels.column_scale(magnitude, norm).to(dy2d.dtype)
+            scaled_dy = dy * kernels.column_scale(magnitude, norm).to(dy.dtype)
             if options.has_dropout:
-                d_weight = base_weight_grad(x2d, dy2d, options.weight_is_kn) + base_weight_grad(
-                    kernels.dropped_input(x2d, options), scaled_dy - dy2d, options.weight_is_kn)
+                d_weight = base_weight_grad(x, dy, options.weight_is_kn) + base_weight_grad(
+                    kernels.dropped_input(x, options), scaled_dy - dy, options.weight_is_kn)
             else:
-                d_weight = base_weight_grad(x2d, scaled_dy, options.weight_is_kn)
+                d_weight = base_weight_grad(x, scaled_dy, options.weight_is_kn)
         return (
-            grads.dx.view(x.shape) if grads.dx is not None else None,
+            grads.dx,
             d_weight,
             grads.d_bias,
             grads.d_lora_a if need_a else None,
@@ -124,13 +122,8 @@ def dora_linear(
                                                     weight_is_kn=weight_is_kn)
     if seed is None:
         seed = new_dropout_seed() if dropout_p > 0.0 else 0
-    cast = autocast_operands(x, weight, bias, lora_a, lora_b, lora_bias)
-    if cast is not None:
-        with torch.autocast(x.device.type, enabled=False):
-            return DoRAFunction.apply(*cast, magnitude, norm, float(scaling), float(dropout_p), seed, weight_is_kn,
-                                      backend)
-    return DoRAFunction.apply(x, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm, float(scaling),
-                              float(dropout_p), seed, weight_is_kn, backend)
+    return run_on_rows(DoRAFunction.apply, x, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm,
+                       float(scaling), float(dropout_p), seed, weight_is_kn, backend)
 
 
 _GROUP_OPERANDS = 7  # per member after the scalars: weight, bias, lora_a, lora_b, lora_bias, magnitude, norm

@@ -114,6 +114,41 @@ def test_gate_off_is_the_base_layer_and_gives_the_adapter_no_gradient():
     assert all(t[name].grad is None for name in ("lora_a", "lora_b", "magnitude"))
 
 
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("train_magnitude", [False, True])
+def test_in_place_add_onto_the_output(backend, bias, train_magnitude):
+    """The output (3-D input) is no view made inside the Function, so an in-place add onto it (PEFT's
+    ``result += ...``) gives the same gradients as an out-of-place one. One exception: a trained magnitude of a
+    layer without bias takes its gradient from the saved output (no extra M x N write; with a bias the forward
+    keeps Z anyway), so changing that output in place raises PyTorch's in-place error at backward, as for any op
+    that saves its output (``torch.exp``): never a wrong gradient."""
+    if not backend_available(backend):
+        pytest.skip(f"{backend} backend not built here")
+    t = dora_inputs(20, 24, 12, 4, torch.float32)
+    t["x"] = t["x"].detach().reshape(4, 5, 24).requires_grad_()
+    t["magnitude"].requires_grad_(train_magnitude)
+    if not bias:
+        t["bias"] = None
+    leaves = [v for v in t.values() if v is not None and v.requires_grad]
+    residual = torch.randn(4, 5, 12)
+    grads = []
+    for in_place in (False, True):
+        y = dora_linear(*t.values(), scaling=0.9, backend=backend)
+        if not in_place:
+            y = y + residual
+        elif train_magnitude and not bias:
+            y += residual
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                y.sum().backward()
+            return
+        else:
+            y += residual
+        grads.append(torch.autograd.grad(y.square().sum(), leaves))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
 # -- the row norm ------------------------------------------------------------------------------------------------
 
 
