@@ -51,10 +51,10 @@ the issue's setting first (bf16, sm_90), until the budget, and reports the rest 
 
 CUDA sources: every ``csrc/*.cu`` is compiled to an object for sm_80 and sm_90 with
 ``nvcc -Icsrc -Werror all-warnings -Xptxas -v,-warn-spills,-Werror``; spills and stack frames fail. The CUDA
-ops' torch binding (``csrc/*.cpp`` including c10/cuda) is type-checked by the host compiler with warnings as
-errors, against torch's headers and the toolkit's: a CPU torch suffices (``check_cuda_bindings``), so a mistake in
-it fails CI instead of the GPU machine's build. Skipped, with a message, when there is no source, nvcc or C++
-compiler.
+ops' torch binding (``csrc/*.cpp`` including c10/cuda) is built by the host compiler with warnings as errors,
+against torch's headers and the toolkit's, and loaded beside the CPU ops: a CPU torch suffices
+(``check_cuda_bindings``), so a compile error or a registration that does not match its op's schema fails CI
+instead of the GPU machine's build or import. Skipped, with a message, when there is no source or tool.
 """
 
 from __future__ import annotations
@@ -1014,11 +1014,14 @@ print(json.dumps(sorted(op.split("::")[1] for op in ops if torch._C._dispatch_ha
 """
 
 
+def _child_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+
 def load_cuda_binding(library: Path, stand_ins: Path) -> tuple[list[str] | None, str]:
     """(the ops the binding gave CUDA kernels, "") when it loads into torch beside the CPU ops, else (None, why)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", _LOAD_PROBE, str(stand_ins), str(library)], capture_output=True,
-                          text=True, env=env, cwd=REPO)
+                          text=True, env=_child_env(), cwd=REPO)
     if done.returncode == 0:
         return json.loads(done.stdout.splitlines()[-1]), ""
     lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("frame #")]
@@ -1026,9 +1029,8 @@ def load_cuda_binding(library: Path, stand_ins: Path) -> tuple[list[str] | None,
 
 
 def native_cpu_ops_importable() -> bool:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-c", "import coto_kernels.kernels.lora_native"], capture_output=True,
-                          env=env, cwd=REPO).returncode == 0
+                          env=_child_env(), cwd=REPO).returncode == 0
 
 
 def check_cuda_bindings(csrc: Path = REPO / "csrc") -> list[dict]:
@@ -1040,11 +1042,12 @@ def check_cuda_bindings(csrc: Path = REPO / "csrc") -> list[dict]:
     toolkit's and the stand-in of ``torch_cuda_include_dirs``, linked against torch's CPU libraries, and loaded
     (in a child process, after the CPU ops) with the CUDA symbols it needs defined by ``stand_in_library``."""
     sources = [path for path in sorted(csrc.glob("*.cpp")) if "<c10/cuda/" in path.read_text()]
-    tools = {name: shutil.which(name) for name in ("nvcc", os.environ.get("CXX", "c++"), "cc", "nm")}
-    if not sources or None in tools.values():
-        print(f"native: CUDA binding check skipped (sources: {len(sources)}; tools: {tools})")
+    names = ("nvcc", os.environ.get("CXX", "c++"), os.environ.get("CC", "cc"), "nm")
+    tools = [shutil.which(name) for name in names]
+    if not sources or None in tools:
+        print(f"native: CUDA binding check skipped (sources: {len(sources)}; tools: {dict(zip(names, tools))})")
         return []
-    nvcc, cxx, cc, nm = tools.values()
+    nvcc, cxx, cc, nm = tools
     loadable = native_cpu_ops_importable()
     if not loadable:
         print("native: the CPU ops are not built, so the CUDA binding is compiled but not loaded")
