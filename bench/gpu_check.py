@@ -427,11 +427,10 @@ def main(argv: list[str] | None = None) -> int:
         print("no GPU here: only --quick runs on the CPU (under TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
     meta = metadata(device, args.quick)
-    native_import = guard_native_import()
-    meta["native_cuda"] = native_import or native_cuda_status() or "built and loaded"
-    print(f"native CUDA: {meta['native_cuda']}", flush=True)
     print(f"# gpu_check on {meta['gpu']}: torch {meta['torch']}, triton {meta['triton']}, peft {meta['peft']}",
           flush=True)
+    meta["native_cuda"] = guard_native_import() or native_cuda_status() or "built and loaded"
+    print(f"native CUDA: {meta['native_cuda']}", flush=True)
 
     def over_budget(what: str, needs_s: float) -> bool:
         left = args.budget_s - (time.monotonic() - started)
