@@ -32,9 +32,12 @@ def triton_available() -> bool:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend for ``device``. ``auto``: on CUDA Triton, else the native CUDA kernels when built;
-    on the CPU the native kernels when built; PyTorch otherwise."""
+    on the CPU the native kernels when built; PyTorch otherwise. ``native`` on CUDA without its CUDA kernels is a
+    ValueError that says why they are missing (the CPU ops cannot take CUDA tensors)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "native" and device.type == "cuda" and (why := native_cuda_status()) is not None:
+        raise ValueError(f"backend='native' on CUDA tensors needs the native CUDA kernels, unavailable here: {why}")
     if backend != "auto":
         return backend
     if device.type == "cuda":

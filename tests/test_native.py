@@ -6,6 +6,7 @@ Skipped, with the reason the build recorded, when the extension is not built (``
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -260,3 +261,15 @@ def test_env_switch_leaves_the_cuda_kernels_unloaded():
     env = dict(os.environ, COTO_KERNELS_NATIVE_CUDA="0")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "disabled by COTO_KERNELS_NATIVE_CUDA=0"
+
+
+def test_native_on_cuda_without_its_cuda_kernels_says_why():
+    from coto_kernels.functional import resolve_backend
+    from coto_kernels.kernels import native_cuda_status
+
+    why = native_cuda_status()
+    if why is None:
+        pytest.skip("the native CUDA kernels are loaded here")
+    with pytest.raises(ValueError, match="native CUDA kernels, unavailable here: " + re.escape(why)):
+        resolve_backend("native", torch.device("cuda"))
+    assert resolve_backend("native", torch.device("cpu")) == "native"
