@@ -11,8 +11,8 @@ KCHECK_ARGS ?=
 GPU_CHECK_ARGS ?=
 PAPER_ARGS ?=
 
-.PHONY: setup test lint kernels-check kernels-check-gpu-triton bench bench-pytest bench-checkpointing gpu-check paper paper-smoke peer-test \
-	peer-test-fast clean
+.PHONY: setup test lint kernels-check kernels-check-gpu-triton bench bench-pytest bench-checkpointing gpu-check \
+	paper paper-smoke peer-test peer-test-fast clean
 
 setup: $(STAMP)
 

@@ -280,7 +280,6 @@ def test_committed_report_covers_the_dora_dropout_gemms_on_both_targets():
     assert all(not (row["spill_stores"] or row["spill_loads"] or row["stack"] or row["stack_frame"]) for row in twins)
 
 
-
 BINDING = """#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 

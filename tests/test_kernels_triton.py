@@ -424,7 +424,6 @@ def test_gemm_configs_pruned_to_what_launches():
         (64, 64, 32, 4)]
 
 
-
 @pytest.mark.parametrize("before_3_7", [False, True])
 def test_dora_dx_keeps_its_256_row_tile_only_where_triton_fits_it(monkeypatch, before_3_7):
     """Triton 3.6 (the GPU image's) spilled DoRA's dX with A_COL_SCALE at 256x128 / 8 warps on sm_90; 3.9 did not."""
@@ -436,6 +435,7 @@ def test_dora_dx_keeps_its_256_row_tile_only_where_triton_fits_it(monkeypatch, b
     assert (any(c.kwargs["BLOCK_M"] == 256 for c in kept)) is not before_3_7
     assert len(kept) == len(configs) - before_3_7
     assert lora_triton.prune_gemm_configs(configs, args, smem_limit=227 * 1024) == configs  # LoRA's dX: all kept
+
 
 def test_lowrank_only_tile_shrinks_with_rank(monkeypatch):
     """The cuBLAS path's low-rank-only tile: BLOCK_N x R_BLOCK (the L operand) stays <= 64 x 128 from R_BLOCK 128
