@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
+import subprocess
 import sys
 
 from setuptools import Extension, setup
@@ -28,6 +30,38 @@ CUDA_EXT = "coto_kernels._native_cuda"
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v"]
 CUDA_ARCHS = ("80", "90")
+
+
+def _toolkit_root_from_nvcc() -> str | None:
+    """The CUDA toolkit's root as the ``nvcc`` on PATH reports it (``-v --dryrun``: its own bin folder), or None.
+
+    torch takes ``CUDA_HOME`` (when unset) as the folder above ``which nvcc``; where that is a wrapper script
+    (``/usr/local/bin/nvcc`` exec-ing ``/usr/local/cuda-13.0/bin/nvcc``, as on these machines) torch looks for
+    ``cuda_runtime.h`` and ``libcudart`` under ``/usr/local`` and the CUDA binding fails to compile."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        done = subprocess.run([nvcc, "-v", "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in done.stderr.splitlines():
+        key, _, value = line.removeprefix("#$ ").partition("=")
+        if key == "_HERE_" and value.strip():
+            root = os.path.dirname(os.path.abspath(value.strip()))
+            return root if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")) else None
+    return None
+
+
+def _set_cuda_home() -> None:
+    """Point ``CUDA_HOME`` at the real toolkit before torch's cpp_extension reads it (at import), unless the user
+    set ``CUDA_HOME`` or ``CUDA_PATH``."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or _switch("COTO_BUILD_CUDA") is False:
+        return
+    root = _toolkit_root_from_nvcc()
+    if root is not None:
+        os.environ["CUDA_HOME"] = root
 
 
 def _switch(name: str) -> bool | None:
@@ -100,10 +134,6 @@ def _build_command() -> type[build_ext]:
         return NoTorchBuild
 
     class OptionalNativeBuild(BuildExtension):
-        def run(self) -> None:
-            super().run()
-            _drop_skipped(self)
-
         def build_extensions(self) -> None:
             buildable = []
             for ext in self.extensions:
@@ -119,6 +149,7 @@ def _build_command() -> type[build_ext]:
             self.extensions = buildable
             if buildable:
                 super().build_extensions()
+            _drop_skipped(self)  # before build_ext.run's in-place copy, which fails on a library never built
 
         def build_extension(self, ext: Extension) -> None:
             try:
@@ -164,4 +195,5 @@ def _torch_paths(extensions: list[Extension]) -> list[Extension]:
     return extensions
 
 
+_set_cuda_home()
 setup(ext_modules=_torch_paths(_extensions()), cmdclass={"build_ext": _build_command()})
