@@ -90,6 +90,19 @@ def run_on_rows(
     return y2d.view(*x.shape[:-1], y2d.shape[-1])
 
 
+def traced_outputs(*ys: Tensor) -> tuple[Tensor, ...]:
+    """A custom Function's outputs, copied while Dynamo traces it (``torch.compile``), as they are otherwise.
+
+    The backends write Y in place (the low-rank term and the DoRA scale go onto the base GEMM's output). Dynamo in
+    torch 2.11 turns a Function whose forward changes its output in place into one whose gradients are all zero
+    (2.13 does not); a copy as the returned tensor avoids that, at no cost in eager mode. Patched layers do not
+    reach this under ``torch.compile`` (they run ``coto_kernels.compile``'s opaque ops); ``lora_linear`` and
+    ``dora_linear`` called in compiled code do."""
+    if torch.compiler.is_compiling():
+        return tuple(y.clone() for y in ys)
+    return ys
+
+
 class GatedLoRAFunction(torch.autograd.Function):
     """Fused base GEMM + low-rank update + gate on 2-D ``x``; see the module docstring for what is saved.
 
@@ -109,7 +122,7 @@ class GatedLoRAFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, lora_a, lora_b, s)
         ctx.options = options
         ctx.backend = backend
-        return y
+        return traced_outputs(y)[0]
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -184,7 +197,7 @@ class GatedLoRAGroupFunction(torch.autograd.Function):
         ctx.save_for_backward(x, s, *flat)
         ctx.scalings, ctx.weight_is_kn, ctx.dropout = scalings, weight_is_kn, dropout
         ctx.set_materialize_grads(False)  # an unused output's dY stays None: its member gets no gradient
-        return tuple(ys)
+        return traced_outputs(*ys)
 
     @staticmethod
     def backward(ctx, *dys: Tensor | None):

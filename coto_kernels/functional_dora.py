@@ -33,6 +33,7 @@ from .functional import (
     per_member,
     resolve_backend,
     run_on_rows,
+    traced_outputs,
 )
 from .kernels import load_dora_backend
 from .kernels.dora_group import DoraGroupMember, group_backward, group_forward
@@ -61,7 +62,7 @@ class DoRAFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, lora_a, lora_b, lora_bias, magnitude, norm, s, z, saved_output)
         ctx.options = options
         ctx.backend = backend
-        return y
+        return traced_outputs(y)[0]
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -152,7 +153,7 @@ class GatedDoRAGroupFunction(torch.autograd.Function):
         ctx.save_for_backward(x, s, *flat, *zs, *saved_outputs)
         ctx.scalings, ctx.weight_is_kn, ctx.backend = scalings, weight_is_kn, backend
         ctx.set_materialize_grads(False)  # an unused output's dY stays None: its member gets no gradient
-        return tuple(ys)
+        return traced_outputs(*ys)
 
     @staticmethod
     def backward(ctx, *dys: Tensor | None):

@@ -69,6 +69,7 @@ def load_backend(name: str) -> ModuleType:
 
 #: Backends with their own DoRA kernel module; the others use the first of these.
 DORA_KERNEL_BACKENDS = ("torch", "triton", "native")
+_DORA_IMPORTED: dict[str, ModuleType] = {}  # a dict, as _IMPORTED: Dynamo cannot trace import_module
 
 
 def load_dora_backend(name: str) -> ModuleType:
@@ -79,4 +80,6 @@ def load_dora_backend(name: str) -> ModuleType:
     chosen = name if name in DORA_KERNEL_BACKENDS else DORA_KERNEL_BACKENDS[0]
     if chosen != "torch":
         load_backend(chosen)  # the LoRA kernels it is built on: a clear error when their toolchain is missing
-    return importlib.import_module(f"{__name__}.dora_{chosen}")
+    if chosen not in _DORA_IMPORTED:
+        _DORA_IMPORTED[chosen] = importlib.import_module(f"{__name__}.dora_{chosen}")
+    return _DORA_IMPORTED[chosen]

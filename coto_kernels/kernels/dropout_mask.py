@@ -109,7 +109,8 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int], dropout_p: float, devic
     h = (row.unsqueeze(1) ^ col.unsqueeze(0)).mul_(_int32(PAIR_MIX))
     threshold = keep_threshold(dropout_p)
     half_mask = (1 << HALF_BITS) - 1
-    keep = torch.empty((rows, pairs, 2), dtype=torch.bool, device=device)
-    torch.ge(h.bitwise_and(half_mask), threshold, out=keep.select(2, 0))
-    torch.ge(h.bitwise_and_(half_mask << 16), threshold << 16, out=keep.select(2, 1))  # the high half, in place
+    low = h.bitwise_and(half_mask) >= threshold
+    high = h.bitwise_and_(half_mask << 16) >= threshold << 16  # the high half: h's last use, masked in place
+    # stacked, not written through out= into strided halves: Dynamo cannot trace out= on a view (torch.compile)
+    keep = torch.stack((low, high), dim=2)
     return keep.view(rows, 2 * pairs).narrow(1, 0, cols)
