@@ -255,6 +255,10 @@ def fake_cuda_device(target: Target) -> Iterator[None]:
             get_device_capability=lambda *a, **k: (props.major, props.minor),
         ).items():
             stack.enter_context(mock.patch.object(torch.cuda, name, value))
+        from torch._subclasses import fake_tensor
+
+        if hasattr(fake_tensor, "init_gpu_context"):  # torch <= 2.11 makes a real CUDA tensor once is_available()
+            stack.enter_context(mock.patch.object(fake_tensor, "init_gpu_context", lambda device: None))
         yield
 
 

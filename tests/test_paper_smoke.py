@@ -94,7 +94,7 @@ def test_importing_the_library_or_the_experiment_changes_no_environment_variable
         "from coto_kernels.kernels import backend_status\n"
         "unbuilt = {f'coto_kernels.kernels.lora_{b}' for b, why in backend_status().items() if why}\n"
         "for info in pkgutil.walk_packages(coto_kernels.__path__, 'coto_kernels.'):\n"
-        "    if info.name == 'coto_kernels._native':  # the C++ op library: loaded by torch.ops, no Python module\n"
+        "    if info.name in ('coto_kernels._native', 'coto_kernels._native_cuda'):  # op libraries for torch.ops\n"
         "        continue\n"
         "    try:\n"
         "        importlib.import_module(info.name)\n"
