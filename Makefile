@@ -11,7 +11,7 @@ KCHECK_ARGS ?=
 GPU_CHECK_ARGS ?=
 PAPER_ARGS ?=
 
-.PHONY: setup test lint kernels-check kernels-check-gpu-triton bench bench-pytest bench-checkpointing gpu-check \
+.PHONY: setup test test-gpu-torch lint kernels-check kernels-check-gpu-triton bench bench-pytest bench-checkpointing gpu-check \
 	paper paper-smoke peer-test peer-test-fast clean
 
 setup: $(STAMP)
@@ -33,6 +33,24 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The test suite under the lent GPU machine's torch (2.11, a CUDA build; CI's is 2.13.0+cpu), here on the CPU:
+# a side venv with PyPI's torch==$(GPU_TORCH) and its CUDA libraries (~4.6 GB, downloaded once) and Triton
+# 3.6, and a copy of the working tree whose csrc/ is built against it (the CUDA part too: nvcc is on PATH).
+# Not in CI: ~12 min once installed.
+GPU_TORCH ?= 2.11.0
+GPU_TORCH_VENV := .venv-torch$(GPU_TORCH)
+GPU_TORCH_TREE := .tree-torch$(GPU_TORCH)
+test-gpu-torch:
+	@if [ ! -x $(GPU_TORCH_VENV)/bin/python ]; then \
+	  $(PYTHON) -m venv $(GPU_TORCH_VENV) && \
+	  $(GPU_TORCH_VENV)/bin/python -m pip install -q torch==$(GPU_TORCH) "numpy<2.4" "setuptools>=68" wheel; \
+	fi
+	rm -rf $(GPU_TORCH_TREE) && mkdir $(GPU_TORCH_TREE)
+	git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t $(GPU_TORCH_TREE)
+	cd $(GPU_TORCH_TREE) && ../$(GPU_TORCH_VENV)/bin/python -m pip install -q --no-build-isolation -e ".[test]"
+	cd $(GPU_TORCH_TREE) && ../$(GPU_TORCH_VENV)/bin/python -m coto_kernels.kernels && \
+	  ../$(GPU_TORCH_VENV)/bin/python -m pytest -q -p no:cacheprovider tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
