@@ -100,8 +100,6 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"CoTo after {trainer.state.global_step} steps on {world_size} processes: {controller}")
         print(f"adapter checksum {float(lora.double().sum()):.10f}")
-    if dist.is_initialized():
-        dist.destroy_process_group()  # left to interpreter exit, gloo's threads can abort the process (SIGABRT)
 
 
 if __name__ == "__main__":

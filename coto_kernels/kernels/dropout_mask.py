@@ -95,7 +95,7 @@ def _as_int32(h: Tensor) -> Tensor:
 
 
 def dropout_keep_mask(seed: int, shape: tuple[int, int], dropout_p: float, device: torch.device | str) -> Tensor:
-    """The keep mask (bool, ``shape``) for ``seed``, computed with PyTorch ops (views by ``unsqueeze``/``select``/
+    """The keep mask (bool, ``shape``) for ``seed``, computed with PyTorch ops (views by ``unsqueeze``/
     ``narrow``, not indexing: kernels-check runs this on fake CUDA tensors, where indexing needs a real device).
 
     The key vectors are built in int64; the [rows, pairs] stage runs on int32 (torch's int32 multiply wraps
