@@ -189,7 +189,7 @@ def _functional_layer(kind: str, dropout_p: float, backend: str):
     options = dict(scaling=1.5, dropout_p=dropout_p, seed=3, backend=backend)
     members = [GroupMember(w, b, a, bb, None, 1.5) for w, b, a, bb in zip(weights, biases, lora_as, lora_bs)]
 
-    def loss(*_):
+    def loss():
         if kind == "lora":
             ys = [lora_linear(x, weights[0], biases[0], lora_as[0], lora_bs[0], **options)]
         elif kind == "dora":
