@@ -23,6 +23,7 @@ needs (a gated-off adapter is an unused parameter); the callback raises at const
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import warnings
 
@@ -55,7 +56,7 @@ def build(model_name: str | None) -> tuple[torch.nn.Module, int]:
     return AutoModelForCausalLM.from_config(config), config.vocab_size
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="a Hugging Face causal LM (default: a tiny random Llama)")
     parser.add_argument("--steps", type=int, default=8)
@@ -65,14 +66,16 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--output-dir", default="coto-ddp-example")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def train(args: argparse.Namespace, world_size: int) -> tuple[torch.Tensor, str]:
+    """Trains with CoTo; returns the flattened adapter weights and a line on the run."""
     model, vocab = build(args.model)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
     # patch BEFORE the Trainer wraps the model; seed=None would take rank 0's seed once the process group exists
     controller = coto_kernels.patch(model, seed=0)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     training_args = TrainingArguments(
         output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch,
         learning_rate=1e-3, weight_decay=0.01, logging_steps=1, save_strategy="no", report_to=[],
@@ -90,15 +93,28 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         trainer.train()
-
-    # every rank holds the same adapter weights (DDP), and CoTo drew the same gates on every rank (checked above)
     lora = torch.cat([p.detach().float().flatten() for n, p in model.named_parameters() if "lora_" in n])
+    return lora, f"CoTo after {trainer.state.global_step} steps on {world_size} processes: {controller}"
+
+
+def main() -> None:
+    args = parse_args()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    lora, summary = train(args, world_size)
     if dist.is_initialized():
+        # The Trainer's DDP wrapper must be freed while the process group lives: left to interpreter exit, gloo's
+        # threads abort the process now and then ("terminate called without an active exception", ~1 run in 6
+        # on 2 CPU processes), and destroying the group first hangs as often. train() has returned; collect its
+        # cycles, then check and shut down on every rank together.
+        gc.collect()
+        # every rank holds the same adapter weights (DDP), and CoTo drew the same gates on every rank (checked above)
         gathered = [torch.empty_like(lora) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, lora)
         assert all(torch.equal(g, gathered[0]) for g in gathered), "ranks ended with different adapter weights"
+        dist.barrier()
+        dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"CoTo after {trainer.state.global_step} steps on {world_size} processes: {controller}")
+        print(summary)
         print(f"adapter checksum {float(lora.double().sum()):.10f}")
 
 
