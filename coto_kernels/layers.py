@@ -23,6 +23,7 @@ from torch import nn
 
 from .functional import can_group, lora_linear, lora_linear_group
 from .functional_dora import dora_linear, dora_linear_group
+from .kernels.dora_torch import clear_weight_norm_cache
 from .kernels.lora_group import GroupMember
 from .siblings import SiblingInputs
 
@@ -163,6 +164,20 @@ class CoToLayerMixin:
             self.__dict__["coto_gate_tensor"] = torch.tensor(on)
         else:
             tensor.fill_(on)
+
+    # PEFT merges and unmerges through ``weight.data``, which the fused DoRA layer's cached ||W_j||^2 cannot see.
+    def merge(self, *args: Any, **kwargs: Any) -> None:
+        super().merge(*args, **kwargs)
+        self._forget_weight_norm()
+
+    def unmerge(self, *args: Any, **kwargs: Any) -> None:
+        super().unmerge(*args, **kwargs)
+        self._forget_weight_norm()
+
+    def _forget_weight_norm(self) -> None:
+        weight = getattr(self.get_base_layer(), "weight", None)
+        if isinstance(weight, torch.Tensor):
+            clear_weight_norm_cache(weight)
 
     def _coto_compiling(self) -> bool:
         """Whether Dynamo traces a training forward gated by the schedule: then the gate must be data."""

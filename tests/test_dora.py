@@ -226,6 +226,42 @@ def test_weight_norm_cache_is_reused_and_invalidated_when_the_weight_changes():
     assert relative_error(norm, exact_row_norm(weight, t["lora_a"], t["lora_b"], 0.5)) < TOLERANCE[torch.float32]
 
 
+def test_trained_base_weight_under_fused_adamw_is_renormed_every_step():
+    """A fused optimizer writes W without bumping its version counter: a weight that requires grad is not cached."""
+    ref = tiny_peft_model("llama", use_dora=True)
+    for name, param in ref.named_parameters():
+        if "base_layer.weight" in name:
+            param.requires_grad_(True)
+    ours = copy.deepcopy(ref)
+    coto_kernels.patch(ours, schedule="off", seed=0)
+    batch = batch_for("llama")
+    losses = {}
+    for label, model in (("peft", ref), ("ours", ours)):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
+        versions = {n: p._version for n, p in model.named_parameters() if "base_layer.weight" in n}
+        for _ in range(2):
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        assert all(p._version == versions[n] for n, p in model.named_parameters() if n in versions)
+        losses[label] = model(**batch).loss.detach()
+    assert relative_error(losses["ours"], losses["peft"]) < 4 * TOLERANCE[torch.float32]
+
+
+def test_merge_and_unmerge_forget_the_cached_weight_norm(monkeypatch):
+    """PEFT merges through ``weight.data``, which the version counter does not see."""
+    model = tiny_peft_model("llama", use_dora=True)
+    coto_kernels.patch(model, schedule="off", seed=0)
+    model(**batch_for("llama")).loss.backward()
+    forgotten = []
+    monkeypatch.setattr(coto_kernels.layers, "clear_weight_norm_cache", forgotten.append)
+    layer = next(m for m in model.modules() if isinstance(m, coto_kernels.layers.CoToLayerMixin))
+    layer.merge()
+    layer.unmerge()
+    assert len(forgotten) == 2 and all(w is layer.get_base_layer().weight for w in forgotten)
+
+
 def test_precision_guard_recomputes_cancelling_rows_exactly(monkeypatch, norm_backend):
     check_guard_fixes_cancelling_rows(norm_backend.dora_row_norm, monkeypatch)
 

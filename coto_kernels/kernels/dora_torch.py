@@ -7,9 +7,10 @@ norms. Here, with A' = [A; 1^T] and B' = [B, lora_bias] (the lora_bias column on
 
 in fp32: an N x r' product over K (``W A'^T``, ~r/M of the main GEMM), an r' x r' Gram matrix and row dots.
 ``||W_j||^2`` is computed once (PEFT's own ``torch.linalg.norm``, squared) and cached per frozen weight, keyed
-on its storage pointer, shape, dtype and autograd version counter (an optimizer step or any in-place write
-through the tensor bumps it, so an unfrozen or merged weight is recomputed). Writes through ``weight.data`` do
-not bump the version counter: call ``clear_weight_norm_cache`` after such a write.
+on its storage pointer, shape, dtype and autograd version counter (an in-place write through the tensor bumps
+it). A weight that requires grad is never cached: the fused optimizers (``AdamW(fused=True)``) update it without
+bumping the version counter. Writes through ``weight.data`` do not bump it either: the patched layers forget
+their weight's entry on ``merge``/``unmerge``; after any other such write call ``clear_weight_norm_cache``.
 
 **When the expansion loses precision.** Its rounding error is about u * (||W_j||^2 + ||s (B'A')_j||^2) (u the
 fp32 unit roundoff times the summation length's growth factor), so the *relative* error of n_j^2 is that over
@@ -82,10 +83,10 @@ def _row_chunks(w_nk: Tensor) -> list[Tensor]:
 
 
 def weight_row_norms_squared(weight: Tensor, weight_is_kn: bool) -> Tensor:
-    """||W_j||^2 (fp32 [N]), cached per weight until its storage or version changes."""
+    """||W_j||^2 (fp32 [N]), cached per frozen weight until its storage or version changes (module docstring)."""
     key = _cache_key(weight)
     hit = _WEIGHT_NORMS.get(weight)
-    if hit is not None and hit[0] == key:
+    if hit is not None and hit[0] == key and not weight.requires_grad:
         return hit[1]
     w_nk = weight_nk(weight.detach(), weight_is_kn)
     # PEFT's own reduction (``torch.linalg.norm(W, dim=1)``), squared: at B = 0 the expansion's sqrt gives that norm
@@ -96,7 +97,10 @@ def weight_row_norms_squared(weight: Tensor, weight_is_kn: bool) -> Tensor:
     else:
         norms = torch.cat([torch.linalg.norm(rows.float(), dim=1) for rows in _row_chunks(w_nk)])
     value = norms.square()
-    _WEIGHT_NORMS[weight] = (key, value)
+    if weight.requires_grad:
+        _WEIGHT_NORMS.pop(weight, None)
+    else:
+        _WEIGHT_NORMS[weight] = (key, value)
     return value
 
 
