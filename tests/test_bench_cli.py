@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+
+import torch
 
 from bench import side_by_side
 from coto_kernels import bench
+from coto_kernels.benchmarking import device_name
 
 
 def test_bench_cli_writes_json_markdown(tmp_path, capsys):
@@ -43,3 +47,14 @@ def test_side_by_side_ab_checks_equal_gradients_and_reports_both_against_the_flo
     difference = float(out.split("after one step: ")[1].split()[0])
     assert difference < 1e-5  # the grouped and the separate model compute the same step
     assert all(f"{name} " in out for name in ("a", "b", "floor")) and out.count("/ floor") == 3
+
+
+def test_reports_name_the_cpu_model_and_thread_count():
+    """Runs on differently built VMs of one name are told apart by the CPU the report names."""
+    name = device_name(torch.device("cpu"))
+    assert name.startswith("cpu (") and name.endswith(f", {torch.get_num_threads()} threads)")
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), None)
+        if model:
+            assert model in name
