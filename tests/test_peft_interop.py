@@ -353,6 +353,32 @@ def test_new_layer_watch_walks_once_per_step():
     assert sum(name.endswith(".k") for name in controller.layer_names) == 3
 
 
+def test_new_layer_watch_walks_only_after_a_module_is_registered(monkeypatch):
+    """Transformers re-registers its decoder layers at every forward; only a first registration makes it walk."""
+    model = tiny_peft_model("llama")
+    controller = patch_quietly(model, seed=0, schedule="off")
+    walks = []
+    original = type(model).modules
+    monkeypatch.setattr(type(model), "modules", lambda self, *a, **k: walks.append(self) or original(self, *a, **k))
+    model.train()
+    batch = batch_for("llama")
+    for _ in range(3):
+        model(**batch)
+        controller.step()
+    assert walks == [model]  # the first training forward after patch only
+    nn.Sequential().add_module("fresh", nn.Linear(2, 2))  # a first registration, anywhere
+    model(**batch)
+    assert walks == [model, model]
+    model(**batch)
+    controller.step()
+    model(**batch)
+    assert walks == [model, model]
+    copied = copy.deepcopy(model)
+    walks.clear()
+    copied(**batch)
+    assert walks == [copied]  # a copy walks at its first check
+
+
 def test_load_adapter_after_patch_gates_the_new_layers(tmp_path):
     other = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["gate_proj"], init_lora_weights=False))
     other.save_pretrained(tmp_path)
