@@ -133,6 +133,8 @@ class _ModuleRegistrations:
 
     @classmethod
     def _observe(cls, parent: nn.Module, name: str, submodule: nn.Module) -> None:
+        if torch.compiler.is_compiling():  # traced registrations (``self.layers[:n]``) never run; counting them
+            return                         # would only make the compiled graph guard on the count
         try:
             if submodule in cls.seen:
                 return
