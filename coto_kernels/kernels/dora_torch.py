@@ -97,8 +97,8 @@ def weight_row_norms_squared(weight: Tensor, weight_is_kn: bool) -> Tensor:
     else:
         norms = torch.cat([torch.linalg.norm(rows.float(), dim=1) for rows in _row_chunks(w_nk)])
     value = norms.square()
-    if weight.requires_grad:
-        _WEIGHT_NORMS.pop(weight, None)
+    if weight.requires_grad:  # and drop the entry from when it was frozen: trained by a fused optimizer and then
+        _WEIGHT_NORMS.pop(weight, None)  # frozen again, it would match its old key with other values
     else:
         _WEIGHT_NORMS[weight] = (key, value)
     return value
